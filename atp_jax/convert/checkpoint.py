@@ -1,0 +1,135 @@
+"""Our converted checkpoint directory (orbax parameters + config), atomic writes, and `load_pretrained`.
+
+Layout of a converted directory:
+    atp_config.json   our LlavaConfig
+    params/           orbax checkpoint of `nnx.to_pure_dict(nnx.state(model))`
+    tokenizer files   copied from the source checkpoint when it has them
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atp_jax.convert.readers import CheckpointError
+from atp_jax.models.common import DtypePolicy
+from atp_jax.models.config import LlavaConfig
+from atp_jax.models.llava import LlavaForConditionalGeneration
+
+CONFIG_FILE = "atp_config.json"
+PARAMS_DIR = "params"
+# Files beside the weights that inference needs (tokenizer, processor, chat template).
+SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
+                    "processor_config.json", "chat_template.*", "generation_config.json", "*.model")
+
+
+@contextlib.contextmanager
+def staged_directory(dst: str | Path, overwrite: bool = False):
+    """Yields a temporary sibling of `dst` and renames it to `dst` only if the block succeeds.
+
+    A failed or interrupted write leaves `dst` untouched (absent, or the old one when overwriting).
+    """
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; choose another destination or remove it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_sidecars(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for pattern in SIDECAR_PATTERNS:
+        for f in src.glob(pattern):
+            if f.is_file() and not (dst / f.name).exists():
+                shutil.copy2(f, dst / f.name)
+                copied.append(f.name)
+    return sorted(copied)
+
+
+def save_converted(dst: str | Path, cfg: LlavaConfig, params: dict, sidecars_from: Path | None = None,
+                   overwrite: bool = False) -> None:
+    """Writes our checkpoint atomically. `params` is the nested pure dict of numpy or jax arrays."""
+    import orbax.checkpoint as ocp
+
+    with staged_directory(dst, overwrite) as tmp:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+        cfg.save(tmp / CONFIG_FILE)
+        if sidecars_from is not None:
+            copy_sidecars(sidecars_from, tmp)
+
+
+def is_converted(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def abstract_model(cfg: LlavaConfig, policy: DtypePolicy) -> LlavaForConditionalGeneration:
+    """A model whose parameters are shapes only: nothing is allocated or initialised."""
+    return nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, policy=policy, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(cfg: LlavaConfig, params: dict, policy: DtypePolicy) -> LlavaForConditionalGeneration:
+    """Builds the model around given parameters (nested pure dict), cast to the policy's parameter dtype."""
+    model = abstract_model(cfg, policy)
+    state = nnx.state(model)
+    params = jax.tree.map(lambda x: jnp.asarray(x, policy.param_dtype), params)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+def read_converted(path: str | Path, param_dtype=None) -> tuple[LlavaConfig, dict]:
+    """Config and nested numpy parameters of a converted directory (cast to `param_dtype` if given)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    cfg = LlavaConfig.load(path / CONFIG_FILE)
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, param_dtype or m.dtype), meta)
+    try:
+        return cfg, checkpointer.restore(path / PARAMS_DIR, target)
+    except Exception as e:
+        raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore parameters ({e})") from e
+
+
+def stored_dtype(params: dict):
+    return jax.tree.leaves(params)[0].dtype
+
+
+def load_pretrained(path: str | Path, dtype=None) -> tuple[LlavaForConditionalGeneration, LlavaConfig]:
+    """Loads a model from our converted directory or an HF/original LLaVA directory (converted in memory).
+
+    `dtype` (e.g. "bfloat16") sets both the parameter and the compute dtype; by default a converted
+    directory keeps its stored dtype and an HF directory loads as float32.
+    """
+    path = Path(path)
+    dtype = jnp.dtype(dtype) if dtype is not None else None
+    if is_converted(path):
+        cfg, params = read_converted(path, dtype)
+    elif (path / "config.json").is_file():
+        from atp_jax.convert.importer import convert_hf, unflatten
+
+        cfg, flat, _ = convert_hf(path, dtype or jnp.float32)
+        params = unflatten(flat)
+    else:
+        raise CheckpointError(f"{path}: neither a converted atp_jax directory ({CONFIG_FILE}) "
+                              "nor an HF checkpoint (config.json)")
+    dtype = dtype or stored_dtype(params)
+    return model_from_params(cfg, params, DtypePolicy(dtype, dtype)), cfg

@@ -1,0 +1,70 @@
+"""Building blocks shared by the vision tower and the decoder: dense layers, attention, stacked layers.
+
+Einsum alphabet: B batch, T query length, S key length, D width, N query heads, K kv heads, H head dim.
+Parameters carry `logical_axes` metadata (mapped to mesh axes by the sharding rules); a stacked layer
+axis is implicit and leading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+NEG_INF = -1e30  # finite so that adding further (log-mask) biases never produces inf - inf
+
+
+@dataclasses.dataclass(frozen=True)
+class DtypePolicy:
+    """Parameter storage dtype and compute dtype. Norms, softmax and RoPE always run in float32."""
+
+    param_dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32
+
+
+def dense(din: int, dout: int, axes: tuple[str, str], policy: DtypePolicy, rngs: nnx.Rngs,
+          use_bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=policy.dtype, param_dtype=policy.param_dtype,
+                      kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]}, rngs=rngs)
+
+
+def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
+              bias: Float[Array, "B #N T S"] | None = None) -> Float[Array, "B T N H"]:
+    """Scaled dot-product attention through `jax.nn.dot_product_attention` (fused kernels where available).
+
+    GQA needs no repeat: the kernel maps each group of N // K query heads onto one kv head. `bias` is added
+    to the float32 logits; softmax runs in float32.
+    """
+    if bias is not None:
+        bias = bias.astype(jnp.float32)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias)
+
+
+def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`n` copies of a layer with their parameters stacked on a leading axis (for `scan_layers`)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def build(rngs):
+        return make(rngs)
+
+    return build(rngs)
+
+
+def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable):
+    """Runs stacked `layers[start:stop]` in order with `lax.scan`: `carry, y = body(layer, carry)`.
+
+    The slice is taken on the state, so one compiled layer body serves any range of layers.
+    Returns the final carry and the stacked per-layer outputs `y`.
+    """
+    graphdef, state = nnx.split(layers)
+    state = jax.tree.map(lambda x: x[start:stop], state)
+
+    def step(c, layer_state):
+        return body(nnx.merge(graphdef, layer_state), c)
+
+    return jax.lax.scan(step, carry, state)

@@ -1,0 +1,280 @@
+"""LLaVA-1.5 configuration: frozen dataclasses, strict readers and writers of HF `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that atp_jax cannot represent faithfully."""
+
+
+# HF bookkeeping fields that carry no architecture: accepted on read and not written back.
+_HF_IGNORED = frozenset({
+    "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "model_type",
+    "initializer_range", "initializer_factor", "use_cache", "attention_dropout", "output_attentions",
+    "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
+    "label2id", "problem_type", "tokenizer_class", "max_length", "_attn_implementation_autoset",
+    "pretraining_tp", "dropout", "layer_types",
+})
+# HF fields that we accept only at the one value we implement: field -> (required value, reason).
+_HF_FIXED = {
+    "attention_bias": (False, "biases on q/k/v/o projections"),
+    "mlp_bias": (False, "biases in the SwiGLU MLP"),
+    "hidden_act": (None, "activation"),  # checked per config class below
+    "num_channels": (3, "non-RGB input"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT vision tower (HF `CLIPVisionConfig`)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768  # unused by the vision model; kept so export writes it back
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """LLaMA/Vicuna decoder (HF `LlamaConfig`)."""
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None  # HF `head_dim`; None means hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0  # HF `rope_parameters["rope_theta"]` (v5) or `rope_theta` (v4)
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF `rope_parameters` minus type/theta, sorted
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim
+
+    @property
+    def rope_type(self) -> str:
+        return dict(self.rope_scaling or ()).get("rope_type", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """LLaVA-1.5 = CLIP vision tower + projector + LLaMA decoder (HF `LlavaConfig`)."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    image_token_index: int = 32000
+    image_seq_length: int = 576
+    projector_type: str = "mlp2x_gelu"  # HF projector_hidden_act "gelu"; "linear" exists in original LLaVA only
+    multimodal_projector_bias: bool = True
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+
+    def __post_init__(self):
+        if self.projector_type not in ("mlp2x_gelu", "linear"):
+            raise ConfigError(f"projector_type {self.projector_type!r}: expected 'mlp2x_gelu' or 'linear'")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError(f"vision_feature_select_strategy {self.vision_feature_select_strategy!r}: "
+                              "expected 'default' or 'full'")
+        n = self.vision.num_hidden_layers
+        for layer in self.feature_layers:
+            if not -(n + 1) <= layer <= n:
+                raise ConfigError(f"vision_feature_layer {layer} out of range for {n} vision layers")
+        if self.text.num_attention_heads % self.text.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Indices into the vision hidden-state tuple (0 = embeddings after pre_layrnorm), non-negative."""
+        layers = (self.vision_feature_layer,) if isinstance(self.vision_feature_layer, int) else self.vision_feature_layer
+        n = self.vision.num_hidden_layers + 1
+        return tuple(layer % n for layer in layers)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens one image contributes to the LLM sequence."""
+        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    # ---- presets -------------------------------------------------------------------------------------
+
+    @classmethod
+    def llava15_7b(cls) -> LlavaConfig:
+        return cls()
+
+    @classmethod
+    def llava15_13b(cls) -> LlavaConfig:
+        text = TextConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                          num_key_value_heads=40)
+        return cls(text=text)
+
+    @classmethod
+    def tiny(cls, **overrides) -> LlavaConfig:
+        """A few-kB model of the same shape as LLaVA-1.5 for tests and demos (4x4 patch grid)."""
+        vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14, projection_dim=16)
+        text = TextConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          rms_norm_eps=1e-6)
+        return dataclasses.replace(cls(vision=vision, text=text, image_token_index=150, image_seq_length=16),
+                                   **overrides)
+
+    # ---- our own serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlavaConfig:
+        d = dict(d)
+        vision = _strict(VisionConfig, d.pop("vision", {}), "vision")
+        text = dict(d.pop("text", {}))
+        if text.get("rope_scaling") is not None:
+            text["rope_scaling"] = tuple(tuple(kv) for kv in text["rope_scaling"])
+        text = _strict(TextConfig, text, "text")
+        if isinstance(d.get("vision_feature_layer"), list):
+            d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
+        return _strict(cls, {**d, "vision": vision, "text": text}, "llava")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LlavaConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # ---- HF config.json ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> LlavaConfig:
+        """Reads a llava-hf `config.json` dict; unknown or unsupported fields raise ConfigError."""
+        d = dict(d)
+        if d.get("model_type", "llava") != "llava":
+            raise ConfigError(f"model_type {d['model_type']!r} is not a llava-hf config")
+        vision = vision_from_hf_dict(d.pop("vision_config", None) or {})
+        text = text_from_hf_dict(d.pop("text_config", None) or {})
+        act = d.pop("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise ConfigError(f"projector_hidden_act {act!r}: only exact 'gelu' (LLaVA-1.5 mlp2x_gelu) is supported")
+        tie = d.pop("tie_word_embeddings", text.tie_word_embeddings)
+        text = dataclasses.replace(text, tie_word_embeddings=bool(tie or text.tie_word_embeddings))
+        for key in ("image_token_id",):
+            if key in d:
+                d["image_token_index"] = d.pop(key)
+        if isinstance(d.get("vision_feature_layer"), list):
+            d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
+        fields = {k: d.pop(k) for k in ("image_token_index", "image_seq_length", "multimodal_projector_bias",
+                                        "vision_feature_layer", "vision_feature_select_strategy") if k in d}
+        _reject_unknown(d, "llava config")
+        return cls(vision=vision, text=text, **fields)
+
+    def to_hf_dict(self) -> dict:
+        """The llava-hf `config.json` dict that transformers' `LlavaConfig` reads back to this config."""
+        if self.projector_type != "mlp2x_gelu":
+            raise ConfigError("the llava-hf layout has no 'linear' projector; only mlp2x_gelu models can be exported")
+        v, t = self.vision, self.text
+        rope = {"rope_type": t.rope_type, "rope_theta": t.rope_theta, **dict(t.rope_scaling or ())}
+        layer = self.vision_feature_layer
+        return {
+            "architectures": ["LlavaForConditionalGeneration"],
+            "model_type": "llava",
+            "image_token_index": self.image_token_index,
+            "image_seq_length": self.image_seq_length,
+            "multimodal_projector_bias": self.multimodal_projector_bias,
+            "projector_hidden_act": "gelu",
+            "tie_word_embeddings": t.tie_word_embeddings,
+            "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
+            "vision_feature_select_strategy": self.vision_feature_select_strategy,
+            "vision_config": {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "num_channels": 3,
+                              **dataclasses.asdict(v)},
+            "text_config": {
+                "model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                **{k: val for k, val in dataclasses.asdict(t).items() if k not in ("rope_theta", "rope_scaling")},
+                "head_dim": t.dim_per_head, "rope_parameters": rope,
+            },
+        }
+
+
+def vision_from_hf_dict(d: dict) -> VisionConfig:
+    d = dict(d)
+    if d.pop("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
+        raise ConfigError("vision_config is not a CLIP vision config")
+    _check_fixed(d, "vision_config", hidden_act="quick_gelu")
+    d.pop("vocab_size", None)  # llava-hf 1.5 configs carry a stray CLIP text field here
+    return _strict(VisionConfig, _drop_ignored(d), "vision_config")
+
+
+def text_from_hf_dict(d: dict) -> TextConfig:
+    d = dict(d)
+    if d.pop("model_type", "llama") != "llama":
+        raise ConfigError("text_config is not a LLaMA config")
+    _check_fixed(d, "text_config", hidden_act="silu")
+    if d.get("pretraining_tp", 1) != 1:
+        raise ConfigError("text_config.pretraining_tp != 1 is not supported")
+    rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})
+    d.pop("rope_scaling", None)
+    theta = rope.pop("rope_theta", d.pop("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type not in ("default", "linear", "dynamic", "llama3", "yarn"):
+        raise ConfigError(f"rope type {rope_type!r} is not supported (default, linear, dynamic, llama3, yarn)")
+    scaling = None if rope_type == "default" else tuple(sorted({"rope_type": rope_type, **rope}.items()))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(d.get(key), list):
+            raise ConfigError(f"text_config.{key} as a list is not supported")
+    return _strict(TextConfig, {**_drop_ignored(d), "rope_theta": float(theta), "rope_scaling": scaling},
+                   "text_config")
+
+
+def _check_fixed(d: dict, where: str, hidden_act: str) -> None:
+    for key, (value, what) in _HF_FIXED.items():
+        want = hidden_act if key == "hidden_act" else value
+        if key in d:
+            got = d.pop(key)
+            if got != want:
+                raise ConfigError(f"{where}.{key}={got!r} is not supported ({what}: only {want!r})")
+
+
+def _drop_ignored(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in _HF_IGNORED}
+
+
+def _reject_unknown(d: dict, where: str) -> None:
+    unknown = sorted(k for k in d if k not in _HF_IGNORED)
+    if unknown:
+        raise ConfigError(f"{where}: unknown or unsupported fields {unknown}")
+
+
+def _strict(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    _reject_unknown({k: v for k, v in d.items() if k not in names}, where)
+    return cls(**{k: v for k, v in d.items() if k in names})

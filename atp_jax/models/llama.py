@@ -1,0 +1,207 @@
+"""LLaMA/Vicuna decoder (HF `LlamaModel` + `lm_head`), runnable one range of layers at a time.
+
+Einsum alphabet: B batch, T query length, S key length, D width, N query heads, K kv heads, H head dim,
+F MLP width, V vocab. The pruning engine drives `embed`, `run_layers` and `head` directly: each layer range
+takes the hidden state, the position ids of its tokens and an additive attention bias.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from atp_jax.models.common import NEG_INF, DtypePolicy, attention, dense, scan_layers, stack_layers
+from atp_jax.models.config import ConfigError, TextConfig
+
+# ---- pure helpers ------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: TextConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and cos/sin scale for the static RoPE types (HF `ROPE_INIT_FUNCTIONS`)."""
+    dim = cfg.dim_per_head
+    p = dict(cfg.rope_scaling or ())
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 is not supported")
+    base = cfg.rope_theta
+    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
+    inv = 1.0 / base**exponents
+    scale = 1.0
+    kind = cfg.rope_type
+    if kind == "linear":
+        inv = inv / p["factor"]
+    elif kind == "llama3":
+        factor, lo, hi, old = p["factor"], p["low_freq_factor"], p["high_freq_factor"], \
+            p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        old = p["original_max_position_embeddings"]
+        factor = p.get("factor") or cfg.max_position_embeddings / old
+
+        def mscale(s, m=1.0):
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+        scale = p.get("attention_factor")
+        if scale is None:
+            m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+            scale = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+        def correction_dim(rotations):
+            return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
+        if p.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv = inv / factor * (1 - extrapolation) + inv * extrapolation
+    elif kind not in ("default", "dynamic"):
+        raise ConfigError(f"rope type {kind!r} is not supported")
+    return inv.astype(np.float32), float(scale)
+
+
+def rope_cos_sin(cfg: TextConfig, positions: Int[Array, "B T"]) -> tuple[Float[Array, "B T H"], Float[Array, "B T H"]]:
+    """cos and sin tables (float32) for rotate-half RoPE at the given position ids."""
+    inv, scale = rope_inv_freq(cfg)
+    inv = jnp.asarray(inv)
+    if cfg.rope_type == "dynamic":
+        # HF's dynamic NTK: the base grows once the sequence exceeds max_position_embeddings.
+        p, dim, max_pos = dict(cfg.rope_scaling), cfg.dim_per_head, cfg.max_position_embeddings
+        seq = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
+        base = cfg.rope_theta * ((p["factor"] * seq / max_pos) - (p["factor"] - 1)) ** (dim / (dim - 2))
+        inv = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def apply_rope(x: Float[Array, "B T N H"], cos: Float[Array, "B T H"], sin: Float[Array, "B T H"]):
+    """HF's rotate-half convention (no q/k permutation needed when converting)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def causal_bias(attention_mask: Bool[Array, "B S"] | None, length: int) -> Float[Array, "B 1 T S"]:
+    """Additive float32 bias: 0 where query t may attend key s (s <= t and s not padding), NEG_INF elsewhere."""
+    allowed = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, T, S]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
+    return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def positions_from_mask(attention_mask: Bool[Array, "B T"] | None, batch: int, length: int) -> Int[Array, "B T"]:
+    """Position ids that skip padding (left or right): cumsum of the mask minus one; arange without a mask."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ---- layers ----------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, policy: DtypePolicy):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), policy.param_dtype), logical_axes=("embed",))
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+        self.cfg = cfg
+        self.q_proj = dense(d, n * h, ("embed", "heads"), policy, rngs)
+        self.k_proj = dense(d, k * h, ("embed", "kv_heads"), policy, rngs)
+        self.v_proj = dense(d, k * h, ("embed", "kv_heads"), policy, rngs)
+        self.o_proj = dense(n * h, d, ("heads", "embed"), policy, rngs)
+
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B #N T S"]) -> Float[Array, "B T D"]:
+        b, t, _ = x.shape
+        h = self.cfg.dim_per_head
+        q = apply_rope(self.q_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, N, H]
+        k = apply_rope(self.k_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, K, H]
+        v = self.v_proj(x).reshape(b, t, -1, h)  # [B, T, K, H]
+        return self.o_proj(attention(q, k, v, bias).reshape(b, t, -1))  # [B, T, D]
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = dense(d, f, ("embed", "mlp"), policy, rngs)
+        self.up_proj = dense(d, f, ("embed", "mlp"), policy, rngs)
+        self.down_proj = dense(f, d, ("mlp", "embed"), policy, rngs)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
+        self.self_attn = Attention(cfg, policy, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
+        self.mlp = MLP(cfg, policy, rngs)
+
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias) -> Float[Array, "B T D"]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+
+
+class LlamaDecoder(nnx.Module):
+    """Embedding table, stacked decoder layers, final norm and LM head."""
+
+    def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, policy.dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=policy.dtype,
+                                      param_dtype=policy.param_dtype,
+                                      embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
+        self.layers = stack_layers(lambda r: DecoderLayer(cfg, policy, r), cfg.num_hidden_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
+        self.lm_head = None if cfg.tie_word_embeddings else dense(cfg.hidden_size, cfg.vocab_size,
+                                                                  ("embed", "vocab"), policy, rngs)
+
+    def embed(self, input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        table = self.embed_tokens.embedding[...]
+        return jnp.take(table, jnp.clip(input_ids, 0, table.shape[0] - 1), axis=0).astype(self.dtype)
+
+    def run_layers(self, h: Float[Array, "B T D"], positions: Int[Array, "B T"], bias: Float[Array, "B #N T S"],
+                   start: int = 0, stop: int | None = None) -> Float[Array, "B T D"]:
+        """Decoder layers `start..stop-1` on `h`, tokens at RoPE `positions`, with additive attention `bias`."""
+        stop = self.cfg.num_hidden_layers if stop is None else stop
+        if start == stop:
+            return h
+        cos, sin = rope_cos_sin(self.cfg, positions)
+
+        def body(layer, x):
+            return layer(x, cos, sin, bias), None
+
+        h, _ = scan_layers(self.layers, start, stop, h, body)
+        return h
+
+    def head(self, h: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        h = self.norm(h)
+        if self.lm_head is None:
+            return h @ self.embed_tokens.embedding[...].astype(self.dtype).T
+        return self.lm_head(h)
