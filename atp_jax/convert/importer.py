@@ -99,7 +99,8 @@ def original_config(d: dict, vision: VisionConfig | None) -> LlavaConfig:
     n_layers = 1 if isinstance(layer, int) else len(layer)
     if mm_hidden is not None and mm_hidden != vision.hidden_size * n_layers:
         raise ConfigError(f"mm_hidden_size {mm_hidden} does not match the CLIP width {vision.hidden_size}")
-    text = text_from_hf_dict({k: v for k, v in d.items() if k not in _ORIGINAL_TRAINING_FIELDS})
+    text = text_from_hf_dict({**{k: v for k, v in d.items() if k not in _ORIGINAL_TRAINING_FIELDS},
+                              "model_type": "llama"})
     strategy = "default" if select == "patch" else "full"
     num_image_tokens = vision.num_patches + (strategy == "full")
     # Original checkpoints splice the image by a placeholder; we give it the first id past the vocabulary,
@@ -179,16 +180,13 @@ def read_hf(src: str | Path, vision_src: str | Path | None = None) -> tuple[Llav
     embedded_vision = any(re.match(layout.vision, k) and not any(re.fullmatch(p, k) for p in K.BUFFERS)
                           for k in source.keys())
     head = not cfg.text.tie_word_embeddings
-    if vision_src is not None:
-        if embedded_vision:
-            raise CheckpointError(f"{src} already holds vision tower weights; drop --vision-src")
-        parts = [(source, K.compile_rules(layout.rules(include_vision=False, include_head=head)), K.BUFFERS),
-                 (open_checkpoint(vision_src), K.compile_rules([(K.CLIP_VISION_PREFIX, r) for r in K.VISION]),
-                  K.BUFFERS + K.CLIP_NON_VISION)]
-    else:
-        if not embedded_vision:
-            raise CheckpointError(f"{src} holds no vision tower weights; pass the CLIP directory with --vision-src")
-        parts = [(source, K.compile_rules(layout.rules(include_head=head)), K.BUFFERS)]
+    if embedded_vision:  # --vision-src, if given, only supplied the CLIP config
+        return cfg, layout.name, [(source, K.compile_rules(layout.rules(include_head=head)), K.BUFFERS)]
+    if vision_src is None:
+        raise CheckpointError(f"{src} holds no vision tower weights; pass the CLIP directory with --vision-src")
+    parts = [(source, K.compile_rules(layout.rules(include_vision=False, include_head=head)), K.BUFFERS),
+             (open_checkpoint(vision_src), K.compile_rules([(K.CLIP_VISION_PREFIX, r) for r in K.VISION]),
+              K.BUFFERS + K.CLIP_NON_VISION)]
     return cfg, layout.name, parts
 
 
