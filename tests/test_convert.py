@@ -172,7 +172,7 @@ def test_sharded_export_loads_in_transformers(tiny_hf, tmp_path):
 def corrupt_missing(d, tensors, config):
     del tensors["language_model.model.layers.1.mlp.up_proj.weight"]
     write_dir(d, tensors, config)
-    return "language_model.layers.mlp.up_proj.kernel[1]"
+    return "missing tensors): ['language_model.model.layers.1.mlp.up_proj.weight']"
 
 
 def corrupt_extra(d, tensors, config):

@@ -29,7 +29,7 @@ _ORIGINAL_TRAINING_FIELDS = frozenset({
 _CLIP_L14_336 = "clip-vit-large-patch14-336"
 
 
-# One checkpoint to read: its tensors, compiled rules [(regex, Rule)], and key patterns it may skip.
+# One checkpoint to read: its tensors, compiled rules [(regex, Rule, prefix)], and key patterns it may skip.
 Part = tuple[TensorSource, list, tuple[str, ...]]
 
 
@@ -126,7 +126,7 @@ def plan(parts: list[Part], targets: dict[str, jax.ShapeDtypeStruct]) -> tuple[l
     filled: dict[tuple[str, int | None], str] = {}
     for source, rules, ignore in parts:
         for key in source.keys():
-            hit = next(((m, r) for pattern, r in rules if (m := pattern.fullmatch(key))), None)
+            hit = next(((m, r) for pattern, r, _ in rules if (m := pattern.fullmatch(key))), None)
             if hit is None:
                 (skipped if any(re.fullmatch(p, key) for p in ignore) else unknown).append(key)
                 continue
@@ -143,6 +143,7 @@ def plan(parts: list[Part], targets: dict[str, jax.ShapeDtypeStruct]) -> tuple[l
             shape = K.to_ours(rule.kind, np.empty(source.shape(key), np.bool_)).shape
             if shape != slot:
                 problems.append(f"{key}: shape {list(source.shape(key))} does not fit {rule.dst} {list(slot)}")
+                filled[(rule.dst, layer)] = key
                 continue
             if (rule.dst, layer) in filled:
                 problems.append(f"{key}: {rule.dst}[{layer}] already filled by {filled[(rule.dst, layer)]}")
@@ -150,11 +151,12 @@ def plan(parts: list[Part], targets: dict[str, jax.ShapeDtypeStruct]) -> tuple[l
             filled[(rule.dst, layer)] = key
             assignments.append(Assignment(key, rule.dst, layer, rule.kind, source))
     missing = []
-    stacked = {r.dst for _, rules, _ in parts for _, r in rules if r.stacked}
+    rule_of = {r.dst: (prefix, r) for _, rules, _ in parts for _, r, prefix in rules}
     for path, t in targets.items():
-        for layer in (range(t.shape[0]) if path in stacked else [None]):
+        prefix, rule = rule_of[path]
+        for layer in (range(t.shape[0]) if rule.stacked else [None]):
             if (path, layer) not in filled:
-                missing.append(path if layer is None else f"{path}[{layer}]")
+                missing.append(K.export_name(prefix, rule, layer))
     if unknown:
         problems.append(f"unexpected tensors (no parameter takes them): {unknown}")
     if missing:

@@ -127,12 +127,12 @@ def detect_layout(keys: list[str], projector_type: str) -> Layout:
                    "not a LLaVA checkpoint")
 
 
-def compile_rules(prefixed: list[tuple[str, Rule]]) -> list[tuple[re.Pattern, Rule]]:
-    """Regexes that match full source keys; group `i` captures the layer index."""
+def compile_rules(prefixed: list[tuple[str, Rule]]) -> list[tuple[re.Pattern, Rule, str]]:
+    """(regex matching full source keys, rule, prefix); regex group `i` captures the layer index."""
     out = []
     for prefix, rule in prefixed:
         body = re.escape(rule.src).replace(r"\{i\}", r"(?P<i>\d+)")
-        out.append((re.compile(prefix + body), rule))
+        out.append((re.compile(prefix + body), rule, prefix))
     return out
 
 

@@ -78,9 +78,16 @@ class TorchBinSource(TensorSource):
             import torch
 
             try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # pre-zipfile pickles cannot be memory-mapped
+                    if "mmap" not in str(e):
+                        raise
+                    sd = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise CheckpointError(f"{f}: refused to load (weights_only=True): {e}") from e
+                detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+                raise CheckpointError(f"{f}: refused to load: it holds something other than tensors "
+                                      f"(read with weights_only=True, which never runs pickled code): {detail}") from e
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{f}: holds a {type(sd).__name__}, expected a dict of tensors")
             bad = {str(k): type(v).__name__ for k, v in sd.items() if not isinstance(k, str) or not torch.is_tensor(v)}
