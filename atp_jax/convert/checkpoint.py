@@ -63,13 +63,16 @@ def copy_sidecars(src: Path, dst: Path) -> list[str]:
 
 def save_converted(dst: str | Path, cfg: LlavaConfig, params: dict, sidecars_from: Path | None = None,
                    overwrite: bool = False) -> None:
-    """Writes our checkpoint atomically. `params` is the nested pure dict of numpy or jax arrays."""
+    """Writes our checkpoint atomically. `params` is the nested pure dict of jax arrays.
+
+    (Numpy leaves work too, but orbax then stages a full copy of them while writing.)
+    """
     import orbax.checkpoint as ocp
 
+    # Uncompressed: zstd would stage a second copy of the whole model (and weights barely compress).
     with staged_directory(dst, overwrite) as tmp:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+        checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
         cfg.save(tmp / CONFIG_FILE)
         if sidecars_from is not None:
             copy_sidecars(sidecars_from, tmp)
@@ -101,7 +104,10 @@ def read_converted(path: str | Path, param_dtype=None) -> tuple[LlavaConfig, dic
     path = Path(path).absolute()
     cfg = LlavaConfig.load(path / CONFIG_FILE)
     checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
+    try:
+        meta = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
+    except Exception as e:
+        raise CheckpointError(f"{path / PARAMS_DIR}: not a readable orbax checkpoint ({e})") from e
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, param_dtype or m.dtype), meta)
     try:
         return cfg, checkpointer.restore(path / PARAMS_DIR, target)

@@ -193,8 +193,8 @@ def read_hf(src: str | Path, vision_src: str | Path | None = None) -> tuple[Llav
 
 
 def convert_hf(src: str | Path, param_dtype="float32", vision_src: str | Path | None = None,
-               progress: bool = False) -> tuple[LlavaConfig, dict[str, np.ndarray], ImportSummary]:
-    """Reads an HF/original LLaVA checkpoint into flat numpy parameters of dtype `param_dtype`.
+               progress: bool = False) -> tuple[LlavaConfig, dict[str, jax.Array], ImportSummary]:
+    """Reads an HF/original LLaVA checkpoint into flat parameters (host arrays) of dtype `param_dtype`.
 
     Peak host memory is the output plus one tensor: every parameter is allocated once and filled in place.
     """
@@ -216,6 +216,8 @@ def convert_hf(src: str | Path, param_dtype="float32", vision_src: str | Path | 
                 out[a.dst][a.layer] = value
             bar.update()
     bar.close()
+    for path in list(out):  # into JAX-owned buffers one leaf at a time: the peak stays the model plus one leaf
+        out[path] = jax.device_put(out[path], may_alias=False).block_until_ready()
     n = sum(v.size for v in out.values())
     summary = ImportSummary(layout, len(assignments), skipped, n, sum(v.nbytes for v in out.values()),
                             jax.numpy.dtype(param_dtype).name)

@@ -59,8 +59,10 @@ class SafetensorsSource(TensorSource):
         from safetensors import safe_open
 
         try:
-            with safe_open(f, framework="numpy") as h:
-                for k in keys:
+            for k in keys:
+                # A fresh (memory-mapped) handle per tensor: closing it unmaps the pages just read, so
+                # resident memory holds one tensor of the file at a time, not all of it.
+                with safe_open(f, framework="numpy") as h:
                     yield k, h.get_tensor(k)
         except Exception as e:
             raise CheckpointError(f"{f}: failed to read tensor data ({e})") from e

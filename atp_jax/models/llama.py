@@ -94,12 +94,11 @@ def apply_rope(x: Float[Array, "B T N H"], cos: Float[Array, "B T H"], sin: Floa
     return x * cos + rotated * sin
 
 
-def causal_bias(attention_mask: Bool[Array, "B S"] | None, length: int) -> Float[Array, "B 1 T S"]:
-    """Additive float32 bias: 0 where query t may attend key s (s <= t and s not padding), NEG_INF elsewhere."""
-    allowed = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, T, S]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
-    return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
+def padding_bias(attention_mask: Bool[Array, "B S"] | None) -> Float[Array, "B 1 1 S"] | None:
+    """Additive float32 bias that hides padding keys (NEG_INF); None without a mask. Causality is separate."""
+    if attention_mask is None:
+        return None
+    return jnp.where(attention_mask.astype(bool), 0.0, NEG_INF).astype(jnp.float32)[:, None, None, :]
 
 
 def positions_from_mask(attention_mask: Bool[Array, "B T"] | None, batch: int, length: int) -> Int[Array, "B T"]:
@@ -134,13 +133,14 @@ class Attention(nnx.Module):
         self.v_proj = dense(d, k * h, ("embed", "kv_heads"), policy, rngs)
         self.o_proj = dense(n * h, d, ("heads", "embed"), policy, rngs)
 
-    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B #N T S"]) -> Float[Array, "B T D"]:
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B #N #T S"] | None
+                 ) -> Float[Array, "B T D"]:
         b, t, _ = x.shape
         h = self.cfg.dim_per_head
         q = apply_rope(self.q_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, N, H]
         k = apply_rope(self.k_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, -1, h)  # [B, T, K, H]
-        return self.o_proj(attention(q, k, v, bias).reshape(b, t, -1))  # [B, T, D]
+        return self.o_proj(attention(q, k, v, bias, causal=True).reshape(b, t, -1))  # [B, T, D]
 
 
 class MLP(nnx.Module):
@@ -186,9 +186,13 @@ class LlamaDecoder(nnx.Module):
         table = self.embed_tokens.embedding[...]
         return jnp.take(table, jnp.clip(input_ids, 0, table.shape[0] - 1), axis=0).astype(self.dtype)
 
-    def run_layers(self, h: Float[Array, "B T D"], positions: Int[Array, "B T"], bias: Float[Array, "B #N T S"],
-                   start: int = 0, stop: int | None = None) -> Float[Array, "B T D"]:
-        """Decoder layers `start..stop-1` on `h`, tokens at RoPE `positions`, with additive attention `bias`."""
+    def run_layers(self, h: Float[Array, "B T D"], positions: Int[Array, "B T"],
+                   bias: Float[Array, "B #N #T S"] | None = None, start: int = 0,
+                   stop: int | None = None) -> Float[Array, "B T D"]:
+        """Decoder layers `start..stop-1` on `h`, tokens at RoPE `positions`.
+
+        Attention is causal in the order of `h`; `bias` adds to the logits (padding, pruning masks).
+        """
         stop = self.cfg.num_hidden_layers if stop is None else stop
         if start == stop:
             return h

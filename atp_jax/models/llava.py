@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from atp_jax.models.common import DtypePolicy
 from atp_jax.models.config import LlavaConfig
-from atp_jax.models.llama import LlamaDecoder, causal_bias, positions_from_mask
+from atp_jax.models.llama import LlamaDecoder, padding_bias, positions_from_mask
 from atp_jax.models.projector import Projector
 from atp_jax.models.vision import ClipVisionTower
 
@@ -78,7 +78,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         h, features, _ = self.embed(input_ids, pixel_values)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, b, t)
-        h = self.language_model.run_layers(h, position_ids, causal_bias(attention_mask, t))
+        h = self.language_model.run_layers(h, position_ids, padding_bias(attention_mask))
         logits = self.language_model.head(h).astype(jnp.float32)
         return LlavaOutput(logits=logits, image_features=features)
 
