@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -80,12 +81,14 @@ class TorchBinSource(TensorSource):
             import torch
 
             try:
-                try:
-                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError as e:  # pre-zipfile pickles cannot be memory-mapped
-                    if "mmap" not in str(e):
-                        raise
-                    sd = torch.load(f, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():  # torch warns about pickle protocols before refusing them
+                    warnings.simplefilter("ignore")
+                    try:
+                        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError as e:  # pre-zipfile pickles cannot be memory-mapped
+                        if "mmap" not in str(e):
+                            raise
+                        sd = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:
                 detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
                 raise CheckpointError(f"{f}: refused to load: it holds something other than tensors "

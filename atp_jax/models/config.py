@@ -108,7 +108,8 @@ class LlavaConfig:
             raise ConfigError(f"vision_feature_select_strategy {self.vision_feature_select_strategy!r}: "
                               "expected 'default' or 'full'")
         n = self.vision.num_hidden_layers
-        for layer in self.feature_layers:
+        raw = self.vision_feature_layer
+        for layer in (raw,) if isinstance(raw, int) else raw:
             if not -(n + 1) <= layer <= n:
                 raise ConfigError(f"vision_feature_layer {layer} out of range for {n} vision layers")
         if self.text.num_attention_heads % self.text.num_key_value_heads:
