@@ -45,9 +45,9 @@ def interleaved(fns: dict, runs: int) -> dict[str, float]:
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     print(f"\n{title}")
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=True)))
 
 
 def environment() -> dict:

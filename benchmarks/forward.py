@@ -9,7 +9,6 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,8 +28,7 @@ from flax import nnx  # noqa: E402
 from atp_jax import load_pretrained  # noqa: E402
 from atp_jax.models.config import LlavaConfig, TextConfig  # noqa: E402
 from atp_jax.testing.reference import hf_model, random_inputs  # noqa: E402
-from benchmarks.common import (SEED, TEXT_TOKENS, bench_config, emit, environment, interleaved,  # noqa: E402
-                               print_table)
+from benchmarks.common import SEED, TEXT_TOKENS, bench_config, emit, environment, interleaved, print_table  # noqa: E402
 
 
 @jax.jit
@@ -49,10 +47,10 @@ def bench_prefill(cfg: LlavaConfig, batches: list[int], runs: int, workdir: Path
         j_ids, j_px = jnp.asarray(ids), jnp.asarray(pixels)
         t_ids, t_px = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(pixels)
 
-        def run_jax():
+        def run_jax(j_ids=j_ids, j_px=j_px):
             return prefill(graphdef, state, j_ids, j_px).block_until_ready()
 
-        def run_torch():
+        def run_torch(t_ids=t_ids, t_px=t_px):
             with torch.inference_mode():
                 return ref(input_ids=t_ids, pixel_values=t_px).logits
 
@@ -89,7 +87,7 @@ def convert_memory(target_gb: float, workdir: Path) -> dict:
              "except SystemExit as e:\n    assert not e.code, e.code\n"
              "print('RSS', base, hwm())\n")
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=False)
     seconds = time.perf_counter() - start
     if out.returncode:
         raise RuntimeError(out.stderr)

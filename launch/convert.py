@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     a.add_argument("--src", required=True, help="checkpoint directory with config.json and weights")
     a.add_argument("--dst", required=True, help="output directory (must not exist unless --overwrite)")
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    a.add_argument("--vision-src", help="CLIP checkpoint directory (original LLaVA layout): its weights when the checkpoint has none, "
-                   "its config.json always")
+    a.add_argument("--vision-src", help="CLIP checkpoint directory (original LLaVA layout): its weights when "
+                   "the checkpoint has none, its config.json always")
     b = sub.add_parser("jax-to-hf", help="atp_jax checkpoint -> llava-hf safetensors + config.json")
     b.add_argument("--src", required=True)
     b.add_argument("--dst", required=True)

@@ -60,7 +60,8 @@ def original_config(cfg) -> dict:
     t = cfg.text
     return {
         "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_act": "silu",
-        "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+        "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
         "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
         "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps, "rope_scaling": None,
         "vocab_size": t.vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "pretraining_tp": 1,
@@ -246,3 +247,20 @@ def test_unknown_config_field_is_an_error(tiny_hf, tmp_path, capsys):
     write_dir(tmp_path / "bad", read_tensors(directory), config)
     assert convert_main(["hf-to-jax", "--src", str(tmp_path / "bad"), "--dst", str(tmp_path / "o"), "--quiet"]) == 1
     assert "sliding_window" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_the_destination(tiny_hf, tmp_path):
+    directory, _ = tiny_hf
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "stale.txt").write_text("old")
+    assert convert_main(["hf-to-jax", "--src", str(directory), "--dst", str(tmp_path / "dst"), "--overwrite",
+                         "--quiet"]) == 0
+    assert not (tmp_path / "dst" / "stale.txt").exists() and (tmp_path / "dst" / "atp_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # no staging or backup left behind
+
+
+def test_load_pretrained_on_a_directory_without_checkpoint(tmp_path):
+    from atp_jax.convert.readers import CheckpointError
+
+    with pytest.raises(CheckpointError, match="neither a converted atp_jax directory"):
+        load_pretrained(tmp_path)

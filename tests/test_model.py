@@ -125,3 +125,11 @@ def test_bfloat16_policy_keeps_norms_and_softmax_in_float32():
     out = model(ids, jnp.ones((1, 3, 56, 56)))
     assert out.logits.dtype == jnp.float32 and bool(jnp.isfinite(out.logits).all())
     assert model.language_model.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+
+
+def test_every_parameter_names_its_logical_axes():
+    """Sharding rules map these names to mesh axes; stacked layers add one leading, unnamed axis."""
+    model = abstract_model(LlavaConfig.tiny(), DtypePolicy())
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes, ndim = var.get_metadata()["logical_axes"], len(var.value.shape)
+        assert len(axes) == (ndim - 1 if "layers" in path else ndim), (path, axes)

@@ -42,13 +42,15 @@ def staged_directory(dst: str | Path, overwrite: bool = False):
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     try:
         yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
+        if dst.exists():  # --overwrite: move the old one aside until the new one is in place
+            os.replace(dst, old)
         os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_sidecars(src: Path, dst: Path) -> list[str]:
@@ -119,11 +121,13 @@ def stored_dtype(params: dict):
     return jax.tree.leaves(params)[0].dtype
 
 
-def load_pretrained(path: str | Path, dtype=None) -> tuple[LlavaForConditionalGeneration, LlavaConfig]:
+def load_pretrained(path: str | Path, dtype=None, vision_src: str | Path | None = None
+                    ) -> tuple[LlavaForConditionalGeneration, LlavaConfig]:
     """Loads a model from our converted directory or an HF/original LLaVA directory (converted in memory).
 
     `dtype` (e.g. "bfloat16") sets both the parameter and the compute dtype; by default a converted
-    directory keeps its stored dtype and an HF directory loads as float32.
+    directory keeps its stored dtype and an HF directory loads as float32. `vision_src` is the CLIP
+    directory for original-layout checkpoints that lack CLIP weights.
     """
     path = Path(path)
     dtype = jnp.dtype(dtype) if dtype is not None else None
@@ -132,7 +136,7 @@ def load_pretrained(path: str | Path, dtype=None) -> tuple[LlavaForConditionalGe
     elif (path / "config.json").is_file():
         from atp_jax.convert.importer import convert_hf, unflatten
 
-        cfg, flat, _ = convert_hf(path, dtype or jnp.float32)
+        cfg, flat, _ = convert_hf(path, dtype or jnp.float32, vision_src)
         params = unflatten(flat)
     else:
         raise CheckpointError(f"{path}: neither a converted atp_jax directory ({CONFIG_FILE}) "

@@ -140,7 +140,7 @@ def plan(parts: list[Part], targets: dict[str, jax.ShapeDtypeStruct]) -> tuple[l
             if rule.stacked and layer >= target.shape[0]:
                 problems.append(f"{key}: layer {layer} but the config has {target.shape[0]} layers")
                 continue
-            shape = K.to_ours(rule.kind, np.empty(source.shape(key), np.bool_)).shape
+            shape = K.our_shape(rule.kind, source.shape(key))
             if shape != slot:
                 problems.append(f"{key}: shape {list(source.shape(key))} does not fit {rule.dst} {list(slot)}")
                 filled[(rule.dst, layer)] = key

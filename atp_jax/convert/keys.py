@@ -14,12 +14,12 @@ import re
 
 import numpy as np
 
-# ---- transforms: (import, export), both exact ------------------------------------------------------------
+# ---- transforms: axis permutations from the source layout to ours (export applies the inverse) ----------------
 
 TRANSFORMS = {
-    "copy": (lambda x: x, lambda x: x),
-    "linear": (lambda x: x.T, lambda x: x.T),  # torch Linear [out, in] <-> our kernel [in, out]
-    "conv": (lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),  # OIHW <-> HWIO
+    "copy": None,
+    "linear": (1, 0),  # torch Linear [out, in] -> our kernel [in, out]
+    "conv": (2, 3, 1, 0),  # torch Conv2d OIHW -> HWIO
 }
 
 
@@ -70,7 +70,8 @@ LLM = [
 
 HEAD = [Rule("weight", "language_model.lm_head.kernel", "linear")]
 
-PROJECTOR_HF = _linear("linear_1", "multi_modal_projector.linear_1") + _linear("linear_2", "multi_modal_projector.linear_2")
+PROJECTOR_HF = [*_linear("linear_1", "multi_modal_projector.linear_1"),
+                *_linear("linear_2", "multi_modal_projector.linear_2")]
 PROJECTOR_ORIGINAL_MLP = _linear("0", "multi_modal_projector.linear_1") + _linear("2", "multi_modal_projector.linear_2")
 PROJECTOR_ORIGINAL_LINEAR = [Rule("weight", "multi_modal_projector.linear_1.kernel", "linear"),
                              Rule("bias", "multi_modal_projector.linear_1.bias")]
@@ -143,8 +144,16 @@ def export_name(prefix_regex: str, rule: Rule, i: int | None = None) -> str:
 
 
 def to_ours(kind: str, x: np.ndarray) -> np.ndarray:
-    return TRANSFORMS[kind][0](x)
+    """The source tensor in our layout (a view: the copy happens when it is written into place)."""
+    perm = TRANSFORMS[kind]
+    return x if perm is None else x.transpose(perm)
+
+
+def our_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    perm = TRANSFORMS[kind]
+    return tuple(shape) if perm is None or len(perm) != len(shape) else tuple(shape[i] for i in perm)
 
 
 def to_source(kind: str, x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(TRANSFORMS[kind][1](x))
+    perm = TRANSFORMS[kind]
+    return np.ascontiguousarray(x if perm is None else x.transpose(np.argsort(perm)))

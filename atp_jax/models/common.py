@@ -8,7 +8,7 @@ axis is implicit and leading.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,9 @@ class DtypePolicy:
     dtype: jnp.dtype = jnp.float32
 
 
+FLOAT32 = DtypePolicy()
+
+
 def dense(din: int, dout: int, axes: tuple[str, str], policy: DtypePolicy, rngs: nnx.Rngs,
           use_bias: bool = False) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=use_bias, dtype=policy.dtype, param_dtype=policy.param_dtype,
@@ -34,7 +37,7 @@ def dense(din: int, dout: int, axes: tuple[str, str], policy: DtypePolicy, rngs:
 
 
 def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
-              bias: Float[Array, "B #N #T S"] | None = None, *, causal: bool = False,
+              bias: Float[Array, "B N T S"] | None = None, *, causal: bool = False,
               chunk: int | None = -1) -> Float[Array, "B T N H"]:
     """Scaled dot-product attention through `jax.nn.dot_product_attention` (fused kernels where available).
 

@@ -108,19 +108,22 @@ class LlavaConfig:
             raise ConfigError(f"vision_feature_select_strategy {self.vision_feature_select_strategy!r}: "
                               "expected 'default' or 'full'")
         n = self.vision.num_hidden_layers
-        raw = self.vision_feature_layer
-        for layer in (raw,) if isinstance(raw, int) else raw:
+        for layer in self._feature_layer_list:
             if not -(n + 1) <= layer <= n:
                 raise ConfigError(f"vision_feature_layer {layer} out of range for {n} vision layers")
         if self.text.num_attention_heads % self.text.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
 
     @property
+    def _feature_layer_list(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return (layer,) if isinstance(layer, int) else tuple(layer)
+
+    @property
     def feature_layers(self) -> tuple[int, ...]:
         """Indices into the vision hidden-state tuple (0 = embeddings after pre_layrnorm), non-negative."""
-        layers = (self.vision_feature_layer,) if isinstance(self.vision_feature_layer, int) else self.vision_feature_layer
         n = self.vision.num_hidden_layers + 1
-        return tuple(layer % n for layer in layers)
+        return tuple(layer % n for layer in self._feature_layer_list)
 
     @property
     def num_image_tokens(self) -> int:

@@ -133,7 +133,7 @@ class Attention(nnx.Module):
         self.v_proj = dense(d, k * h, ("embed", "kv_heads"), policy, rngs)
         self.o_proj = dense(n * h, d, ("heads", "embed"), policy, rngs)
 
-    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B #N #T S"] | None
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B N T S"] | None
                  ) -> Float[Array, "B T D"]:
         b, t, _ = x.shape
         h = self.cfg.dim_per_head
@@ -187,7 +187,7 @@ class LlamaDecoder(nnx.Module):
         return jnp.take(table, jnp.clip(input_ids, 0, table.shape[0] - 1), axis=0).astype(self.dtype)
 
     def run_layers(self, h: Float[Array, "B T D"], positions: Int[Array, "B T"],
-                   bias: Float[Array, "B #N #T S"] | None = None, start: int = 0,
+                   bias: Float[Array, "B N T S"] | None = None, start: int = 0,
                    stop: int | None = None) -> Float[Array, "B T D"]:
         """Decoder layers `start..stop-1` on `h`, tokens at RoPE `positions`.
 

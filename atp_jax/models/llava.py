@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from atp_jax.models.common import DtypePolicy
+from atp_jax.models.common import FLOAT32, DtypePolicy
 from atp_jax.models.config import LlavaConfig
 from atp_jax.models.llama import LlamaDecoder, padding_bias, positions_from_mask
 from atp_jax.models.projector import Projector
@@ -48,7 +48,7 @@ def merge_image_features(embeds: Float[Array, "B T D"], features: Float[Array, "
 
 
 class LlavaForConditionalGeneration(nnx.Module):
-    def __init__(self, cfg: LlavaConfig, *, policy: DtypePolicy = DtypePolicy(), rngs: nnx.Rngs):
+    def __init__(self, cfg: LlavaConfig, *, policy: DtypePolicy = FLOAT32, rngs: nnx.Rngs):
         self.config = cfg
         self.vision_tower = ClipVisionTower(cfg.vision, policy, rngs)
         self.multi_modal_projector = Projector(cfg, policy, rngs)

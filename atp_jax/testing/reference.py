@@ -40,7 +40,7 @@ def hf_logits(model, input_ids, pixel_values=None, attention_mask=None, position
     import torch
 
     def t(x, dtype=None):
-        return None if x is None else torch.as_tensor(np.asarray(x), dtype=dtype)
+        return None if x is None else torch.as_tensor(np.array(x), dtype=dtype)
 
     with torch.no_grad():
         out = model(input_ids=t(input_ids, torch.long), pixel_values=t(pixel_values, model.dtype),
