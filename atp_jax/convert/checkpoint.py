@@ -104,7 +104,12 @@ def read_converted(path: str | Path, param_dtype=None) -> tuple[LlavaConfig, dic
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    cfg = LlavaConfig.load(path / CONFIG_FILE)
+    if not is_converted(path):
+        raise CheckpointError(f"{path}: not a converted atp_jax directory (no {CONFIG_FILE})")
+    try:
+        cfg = LlavaConfig.load(path / CONFIG_FILE)
+    except (ValueError, TypeError, AttributeError) as e:  # bad JSON, or fields of the wrong kind
+        raise CheckpointError(f"{path / CONFIG_FILE}: not a valid atp_jax config ({e!r})") from e
     checkpointer = ocp.StandardCheckpointer()
     try:
         meta = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree

@@ -174,7 +174,10 @@ def read_hf(src: str | Path, vision_src: str | Path | None = None) -> tuple[Llav
     src = Path(src)
     d = read_json(src / "config.json")
     vision_cfg = clip_vision_config(Path(vision_src)) if vision_src else None
-    cfg = original_config(d, vision_cfg) if is_original_config(d) else LlavaConfig.from_hf_dict(d)
+    try:
+        cfg = original_config(d, vision_cfg) if is_original_config(d) else LlavaConfig.from_hf_dict(d)
+    except (ConfigError, TypeError, AttributeError, KeyError, ValueError) as e:  # also fields of the wrong kind
+        raise ConfigError(f"{src / 'config.json'}: {e}") from e
     if vision_cfg is not None and vision_cfg != cfg.vision:
         raise ConfigError(f"--vision-src CLIP config {vision_cfg} differs from the checkpoint's {cfg.vision}")
     source = open_checkpoint(src)
