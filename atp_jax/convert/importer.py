@@ -133,13 +133,11 @@ def convert_hf(src: str | Path, param_dtype="float32", vision_src: str | Path | 
     targets = target_shapes(cfg, jax.numpy.dtype(param_dtype))
     assignments, skipped = plan(parts, targets)
     out = {path: np.empty(t.shape, t.dtype) for path, t in targets.items()}
-    by_key = {(id(a.source), a.src): a for a in assignments}
     bar = tqdm(total=len(assignments), desc="converting", unit="tensor", disable=not progress)
     for source, _, _ in parts:
-        for key, array in source.items():
-            a = by_key.get((id(source), key))
-            if a is None:
-                continue
+        mine = {a.src: a for a in assignments if a.source is source}
+        for key, array in source.items(set(mine)):
+            a = mine[key]
             value = K.to_ours(a.kind, array)
             if a.layer is None:
                 out[a.dst][...] = value

@@ -34,10 +34,12 @@ class TensorSource:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shapes[key]
 
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(key, array) for every tensor, reading each file once, in file order."""
+    def items(self, keys: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """(key, array) for every tensor (or those in `keys`), file by file, one tensor in memory at a time."""
         for f in self.files:
-            yield from self._read(f, [k for k, where in self._where.items() if where == f])
+            wanted = [k for k, where in self._where.items() if where == f and (keys is None or k in keys)]
+            if wanted:
+                yield from self._read(f, wanted)
 
     def _index(self, f: Path) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
