@@ -50,6 +50,10 @@ def main(argv=None) -> int:
         p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    src, dst = Path(args.src).resolve(), Path(args.dst).resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        print(f"error: --dst {args.dst} must lie outside --src {args.src} (and not contain it)", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     try:
         message = (hf_to_jax if args.command == "hf-to-jax" else jax_to_hf)(args)

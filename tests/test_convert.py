@@ -82,6 +82,15 @@ TO_MEMORY = [(r"language_model\.model\.", "model.language_model."), (r"language_
              (r"multi_modal_projector\.", "model.multi_modal_projector."), (r"vision_tower\.", "model.vision_tower.")]
 
 
+def write_clip_dir(directory, tensors: dict, cfg):
+    """A full CLIP checkpoint (vision tower from `tensors`, a stub text tower) as openai/clip-* ships it."""
+    clip = {"vision_model." + k[len("vision_tower."):]: v for k, v in tensors.items() if k.startswith("vision_tower.")}
+    clip |= {"text_model.embeddings.token_embedding.weight": np.zeros((10, 4), np.float32),
+             "logit_scale": np.zeros((), np.float32), "visual_projection.weight": np.zeros((4, 32), np.float32)}
+    write_dir(directory, clip, {"model_type": "clip", "projection_dim": 16, "text_config": {"hidden_size": 4},
+                                "vision_config": cfg.to_hf_dict()["vision_config"]})
+
+
 def assert_same_params(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
@@ -136,12 +145,7 @@ def test_original_layout_and_memory_keys_give_identical_parameters(tiny_hf, tiny
     # liuhaotian layout: sharded .bin without CLIP, CLIP weights from a separate full CLIP checkpoint.
     llm = {k: v for k, v in rename(tensors, TO_ORIGINAL).items() if not k.startswith("vision_tower.")}
     write_dir(tmp_path / "original", llm, original_config(tiny_cfg), fmt="bin", shards=3)
-    clip = {"vision_model." + k[len("vision_tower."):]: v for k, v in tensors.items() if k.startswith("vision_tower.")}
-    clip |= {"text_model.embeddings.token_embedding.weight": np.zeros((10, 4), np.float32),
-             "logit_scale": np.zeros((), np.float32), "visual_projection.weight": np.zeros((4, 32), np.float32)}
-    clip_cfg = {"model_type": "clip", "projection_dim": 16, "text_config": {"hidden_size": 4},
-                "vision_config": {k: v for k, v in tiny_cfg.to_hf_dict()["vision_config"].items()}}
-    write_dir(tmp_path / "clip", clip, clip_cfg)
+    write_clip_dir(tmp_path / "clip", tensors, tiny_cfg)
     cfg, params, summary = convert_hf(tmp_path / "original", vision_src=tmp_path / "clip")
     assert summary.layout == "original"
     assert_same_params(reference, params)
@@ -152,6 +156,30 @@ def test_original_layout_and_memory_keys_give_identical_parameters(tiny_hf, tiny
     write_dir(tmp_path / "embedded", {k: v.astype(np.float16) for k, v in embedded.items()}, original_config(tiny_cfg))
     _, params, _ = convert_hf(tmp_path / "embedded", vision_src=tmp_path / "clip")  # CLIP dir gives the config
     assert_same_params({k: v.astype(np.float16).astype(np.float32) for k, v in reference.items()}, params)
+
+
+def test_original_linear_projector(tiny_hf, tiny_cfg, tmp_path, capsys):
+    """LLaVA-1.0-style `mm_projector_type: linear` converts and runs; llava-hf cannot hold it, so export refuses."""
+    directory, _ = tiny_hf
+    tensors = read_tensors(directory)
+    llm = {k: v for k, v in rename(tensors, TO_ORIGINAL).items()
+           if not k.startswith(("vision_tower.", "model.mm_projector."))}
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 32)).astype(np.float32)
+    bias = rng.standard_normal(64).astype(np.float32)
+    llm |= {"model.mm_projector.weight": weight, "model.mm_projector.bias": bias}
+    write_dir(tmp_path / "linear", llm, {**original_config(tiny_cfg), "mm_projector_type": "linear"})
+    write_clip_dir(tmp_path / "clip", tensors, tiny_cfg)
+    model, cfg = load_pretrained(tmp_path / "linear", vision_src=tmp_path / "clip")
+    assert cfg.projector_type == "linear"
+    x = rng.standard_normal((1, 3, 32)).astype(np.float32)
+    np.testing.assert_allclose(model.multi_modal_projector(jnp.asarray(x)), x @ weight.T + bias, atol=1e-5)
+    ids, pixels = random_inputs(cfg, 1, 4)
+    assert np.isfinite(np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(pixels)).logits)).all()
+    assert convert_main(["hf-to-jax", "--src", str(tmp_path / "linear"), "--dst", str(tmp_path / "jax"),
+                         "--vision-src", str(tmp_path / "clip"), "--quiet"]) == 0
+    assert convert_main(["jax-to-hf", "--src", str(tmp_path / "jax"), "--dst", str(tmp_path / "hf"), "--quiet"]) == 1
+    assert "no 'linear' projector" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
 def test_sharded_export_loads_in_transformers(tiny_hf, tmp_path):
@@ -238,6 +266,14 @@ def test_existing_destination_is_refused(tiny_hf, tmp_path, capsys):
     assert convert_main(["hf-to-jax", "--src", str(directory), "--dst", str(tmp_path / "dst"), "--quiet"]) == 1
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "dst" / "keep.txt").read_text() == "precious"
+
+
+def test_destination_inside_source_is_refused(tiny_hf, capsys):
+    directory, _ = tiny_hf
+    for dst in (directory, directory / "sub", directory.parent):
+        assert convert_main(["hf-to-jax", "--src", str(directory), "--dst", str(dst), "--overwrite", "--quiet"]) == 1
+        assert "must lie outside" in capsys.readouterr().err
+    assert (directory / "config.json").exists()
 
 
 def test_unknown_config_field_is_an_error(tiny_hf, tmp_path, capsys):

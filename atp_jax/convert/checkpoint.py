@@ -45,12 +45,17 @@ def staged_directory(dst: str | Path, overwrite: bool = False):
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     try:
         yield tmp
-        if dst.exists():  # --overwrite: move the old one aside until the new one is in place
+        if dst.exists():  # overwriting: move the old one aside until the new one is in place
             os.replace(dst, old)
-        os.replace(tmp, dst)
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            if old.exists():
+                os.replace(old, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_sidecars(src: Path, dst: Path) -> list[str]:

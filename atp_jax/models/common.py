@@ -38,20 +38,20 @@ def dense(din: int, dout: int, axes: tuple[str, str], policy: DtypePolicy, rngs:
 
 def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
               bias: Float[Array, "B N T S"] | None = None, *, causal: bool = False,
-              chunk: int | None = -1) -> Float[Array, "B T N H"]:
+              chunk: int | str | None = "auto") -> Float[Array, "B T N H"]:
     """Scaled dot-product attention through `jax.nn.dot_product_attention` (fused kernels where available).
 
     GQA needs no repeat: the kernel maps each group of N // K query heads onto one kv head. `bias` is added
     to the float32 logits; softmax runs in float32. `causal` (query t, key s, T == S) masks s > t.
 
     XLA:CPU has no fused kernel and materialises [B, N, T, S] logits, so on CPU the queries go in chunks
-    (`chunk=-1` picks the default): each chunk's logits stay in cache and, when causal, a chunk skips the
+    (`chunk="auto"`; None disables): each chunk's logits stay in cache and, when causal, a chunk skips the
     keys after its last query (half the work). Other backends get one call with `is_causal`.
     """
     if bias is not None:
         bias = bias.astype(jnp.float32)
     t = q.shape[1]
-    if chunk == -1:
+    if chunk == "auto":
         chunk = CPU_QUERY_CHUNK if jax.default_backend() == "cpu" else None
     if chunk is None or t <= chunk:
         return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal)
@@ -61,7 +61,9 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
     for start in range(0, t, chunk):
         stop = min(start + chunk, t)
         keys = stop if causal else k.shape[1]
-        b = None if bias is None else bias[:, :, start:stop, :keys] if bias.shape[2] > 1 else bias[..., :keys]
+        b = None
+        if bias is not None:  # bias may broadcast over queries (T axis of size 1)
+            b = bias[:, :, start:stop, :keys] if bias.shape[2] > 1 else bias[..., :keys]
         mask = None
         if causal:
             mask = jnp.arange(keys)[None, :] <= jnp.arange(start, stop)[:, None]  # [T_chunk, S_chunk]
