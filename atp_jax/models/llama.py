@@ -21,26 +21,35 @@ from atp_jax.models.config import ConfigError, TextConfig
 # ---- pure helpers ------------------------------------------------------------------------------------------
 
 
+def _pow32(base: float, exponents: np.ndarray) -> np.ndarray:
+    """float32 `base ** exponents`, correctly rounded as PyTorch's float32 pow is (numpy's float32 pow is not)."""
+    return (np.float64(base) ** exponents.astype(np.float64)).astype(np.float32)
+
+
 def rope_inv_freq(cfg: TextConfig) -> tuple[np.ndarray, float]:
-    """Inverse frequencies and cos/sin scale for the static RoPE types (HF `ROPE_INIT_FUNCTIONS`)."""
+    """Inverse frequencies and cos/sin scale for the static RoPE types (HF `ROPE_INIT_FUNCTIONS`).
+
+    Computed in float32 step by step as transformers does, so that RoPE angles at long positions agree
+    to the last bit (an ulp in a frequency is 1e-4 relative error at position 1000).
+    """
     dim = cfg.dim_per_head
     p = dict(cfg.rope_scaling or ())
     if p.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError("partial_rotary_factor != 1 is not supported")
     base = cfg.rope_theta
-    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
-    inv = 1.0 / base**exponents
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    inv = np.float32(1.0) / _pow32(base, exponents)
     scale = 1.0
     kind = cfg.rope_type
     if kind == "linear":
-        inv = inv / p["factor"]
+        inv = inv / np.float32(p["factor"])
     elif kind == "llama3":
         factor, lo, hi, old = p["factor"], p["low_freq_factor"], p["high_freq_factor"], \
             p["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > old / lo, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        wavelen = np.float32(2 * math.pi) / inv
+        scaled = np.where(wavelen > old / lo, inv / np.float32(factor), inv)
+        smooth = (np.float32(old) / wavelen - np.float32(lo)) / np.float32(hi - lo)
+        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         inv = np.where(medium, smoothed, scaled)
     elif kind == "yarn":
@@ -63,9 +72,11 @@ def rope_inv_freq(cfg: TextConfig) -> tuple[np.ndarray, float]:
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
         high = high + 0.001 if low == high else high
-        ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+        pos_freqs = _pow32(base, exponents)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
         extrapolation = 1 - ramp
-        inv = inv / factor * (1 - extrapolation) + inv * extrapolation
+        interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+        inv = interpolation * (1 - extrapolation) + (np.float32(1.0) / pos_freqs) * extrapolation
     elif kind not in ("default", "dynamic"):
         raise ConfigError(f"rope type {kind!r} is not supported")
     return inv.astype(np.float32), float(scale)
