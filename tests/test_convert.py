@@ -142,6 +142,13 @@ def test_original_layout_and_memory_keys_give_identical_parameters(tiny_hf, tiny
     _, params, summary = convert_hf(tmp_path / "memory")
     assert summary.layout == "llava-hf-memory"
     assert_same_params(reference, params)
+    # transformers v4 on disk: CLIP under vision_tower.vision_model., with a position_ids buffer.
+    v4 = rename(tensors, [(r"vision_tower\.", "vision_tower.vision_model.")])
+    v4["vision_tower.vision_model.embeddings.position_ids"] = np.arange(17, dtype=np.int64)[None]
+    write_dir(tmp_path / "v4", v4, json.loads((directory / "config.json").read_text()))
+    _, params, summary = convert_hf(tmp_path / "v4")
+    assert summary.layout == "llava-hf" and summary.skipped == ["vision_tower.vision_model.embeddings.position_ids"]
+    assert_same_params(reference, params)
     # liuhaotian layout: sharded .bin without CLIP, CLIP weights from a separate full CLIP checkpoint.
     llm = {k: v for k, v in rename(tensors, TO_ORIGINAL).items() if not k.startswith("vision_tower.")}
     write_dir(tmp_path / "original", llm, original_config(tiny_cfg), fmt="bin", shards=3)
