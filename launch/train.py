@@ -51,6 +51,9 @@ def same_safetensors(a: Path, b: Path) -> bool:
 
 
 def run(workdir: Path, seed: int) -> bool:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     cfg = demo_config()
     print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} device(s)); workdir {workdir}")
     print("training is not implemented yet: running the conversion + parity demo\n")

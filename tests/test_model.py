@@ -26,25 +26,40 @@ def test_hf_config_round_trip_through_transformers():
         assert LlavaConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_llava15_7b_hf_config_fields():
-    """The fields of llava-hf/llava-1.5-7b-hf's config.json (transformers v4 style) read as the 7B preset."""
-    d = {"architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
-         "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
-         "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
-                         "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
-                         "torch_dtype": "float16", "vocab_size": 32064, "rope_theta": 10000.0, "rope_scaling": None},
-         "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
-         "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-                           "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
-                           "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
-         "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064}
-    with pytest.raises(ConfigError, match="ignore_index"):
-        LlavaConfig.from_hf_dict(d)
-    for key in ("ignore_index", "pad_token_id", "vocab_size"):  # v4 top-level duplicates we do not accept silently
-        d.pop(key)
-    cfg = LlavaConfig.from_hf_dict(d)
-    assert cfg.vision == LlavaConfig.llava15_7b().vision
-    assert cfg.text.hidden_size == 4096 and cfg.text.num_hidden_layers == 32 and cfg.num_image_tokens == 576
+LLAVA_HF_7B_CONFIG = {  # llava-hf/llava-1.5-7b-hf config.json (transformers v4), relying on HF defaults
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+
+
+@pytest.mark.parametrize("d", [
+    LLAVA_HF_7B_CONFIG,
+    {"model_type": "llava"},  # everything from defaults
+    {"text_config": {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 8},  # kv heads = heads
+     "vision_config": {"model_type": "clip_vision_model"}},  # CLIP defaults, not LLaVA's
+], ids=["llava-1.5-7b-hf", "empty", "partial"])
+def test_omitted_fields_take_transformers_defaults(d):
+    from transformers import LlavaConfig as HFLlavaConfig
+
+    resolved = HFLlavaConfig(**d).to_dict()
+    assert LlavaConfig.from_hf_dict(d) == LlavaConfig.from_hf_dict(resolved)
+    assert LlavaConfig.from_hf_dict(d).to_hf_dict()["text_config"]["num_key_value_heads"] == \
+        resolved["text_config"]["num_key_value_heads"]
+
+
+def test_llava15_7b_hf_config_is_the_7b_preset():
+    cfg = LlavaConfig.from_hf_dict(LLAVA_HF_7B_CONFIG)
+    assert cfg == LlavaConfig.llava15_7b()
+    with pytest.raises(ConfigError, match="disagrees"):
+        LlavaConfig.from_hf_dict({**LLAVA_HF_7B_CONFIG, "vocab_size": 32000})
 
 
 @pytest.mark.parametrize("field,value,match", [

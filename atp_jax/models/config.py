@@ -17,16 +17,19 @@ _HF_IGNORED = frozenset({
     "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "model_type",
     "initializer_range", "initializer_factor", "use_cache", "attention_dropout", "output_attentions",
     "output_hidden_states", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
-    "label2id", "problem_type", "tokenizer_class", "max_length", "_attn_implementation_autoset",
-    "pretraining_tp", "dropout", "layer_types",
+    "label2id", "problem_type", "tokenizer_class", "max_length", "_attn_implementation_autoset", "dropout",
+    "layer_types",
 })
-# HF fields that we accept only at the one value we implement: field -> (required value, reason).
-_HF_FIXED = {
-    "attention_bias": (False, "biases on q/k/v/o projections"),
-    "mlp_bias": (False, "biases in the SwiGLU MLP"),
-    "hidden_act": (None, "activation"),  # checked per config class below
-    "num_channels": (3, "non-RGB input"),
-}
+# transformers' defaults for fields a config.json may leave out (LlamaConfig, CLIPVisionConfig).
+_HF_TEXT_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
+                     "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+_HF_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "layer_norm_eps": 1e-5,
+                       "projection_dim": 512}
+# LlavaConfig's vision tower when config.json names none: CLIP ViT-L/14-336.
+_HF_LLAVA_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                    "image_size": 336, "patch_size": 14, "projection_dim": 768}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,16 +188,22 @@ class LlavaConfig:
         d = dict(d)
         if d.get("model_type", "llava") != "llava":
             raise ConfigError(f"model_type {d['model_type']!r} is not a llava-hf config")
-        vision = vision_from_hf_dict(d.pop("vision_config", None) or {})
+        vision = vision_from_hf_dict(d.pop("vision_config", None) or _HF_LLAVA_VISION)
         text = text_from_hf_dict(d.pop("text_config", None) or {})
         act = d.pop("projector_hidden_act", "gelu")
         if act != "gelu":
             raise ConfigError(f"projector_hidden_act {act!r}: only exact 'gelu' (LLaVA-1.5 mlp2x_gelu) is supported")
         tie = d.pop("tie_word_embeddings", text.tie_word_embeddings)
         text = dataclasses.replace(text, tie_word_embeddings=bool(tie or text.tie_word_embeddings))
-        for key in ("image_token_id",):
-            if key in d:
-                d["image_token_index"] = d.pop(key)
+        # transformers v4 wrote these at the top level: the loss's ignore index and the tokenizer's pad id
+        # concern training and tokenisation only; vocab_size must agree with the decoder's.
+        d.pop("ignore_index", None)
+        d.pop("pad_token_id", None)
+        vocab = d.pop("vocab_size", text.vocab_size)
+        if vocab != text.vocab_size:
+            raise ConfigError(f"vocab_size {vocab} disagrees with text_config.vocab_size {text.vocab_size}")
+        if "image_token_id" in d:
+            d["image_token_index"] = d.pop("image_token_id")
         if isinstance(d.get("vision_feature_layer"), list):
             d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
         fields = {k: d.pop(k) for k in ("image_token_index", "image_seq_length", "multimodal_projector_bias",
@@ -230,21 +239,22 @@ class LlavaConfig:
 
 
 def vision_from_hf_dict(d: dict) -> VisionConfig:
-    d = dict(d)
+    """A `CLIPVisionConfig` dict; fields it leaves out take transformers' defaults."""
+    d = {**_HF_VISION_DEFAULTS, **d}
     if d.pop("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
         raise ConfigError("vision_config is not a CLIP vision config")
-    _check_fixed(d, "vision_config", hidden_act="quick_gelu")
+    _check_fixed(d, "vision_config", hidden_act="quick_gelu", num_channels=3)
     d.pop("vocab_size", None)  # llava-hf 1.5 configs carry a stray CLIP text field here
     return _strict(VisionConfig, _drop_ignored(d), "vision_config")
 
 
 def text_from_hf_dict(d: dict) -> TextConfig:
-    d = dict(d)
+    """A `LlamaConfig` dict; fields it leaves out take transformers' defaults."""
+    d = {**_HF_TEXT_DEFAULTS, **d}
     if d.pop("model_type", "llama") != "llama":
         raise ConfigError("text_config is not a LLaMA config")
-    _check_fixed(d, "text_config", hidden_act="silu")
-    if d.get("pretraining_tp", 1) != 1:
-        raise ConfigError("text_config.pretraining_tp != 1 is not supported")
+    _check_fixed(d, "text_config", hidden_act="silu", attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    d["num_key_value_heads"] = d.get("num_key_value_heads") or d["num_attention_heads"]
     rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})
     d.pop("rope_scaling", None)
     theta = rope.pop("rope_theta", d.pop("rope_theta", 10000.0))
@@ -259,13 +269,12 @@ def text_from_hf_dict(d: dict) -> TextConfig:
                    "text_config")
 
 
-def _check_fixed(d: dict, where: str, hidden_act: str) -> None:
-    for key, (value, what) in _HF_FIXED.items():
-        want = hidden_act if key == "hidden_act" else value
-        if key in d:
-            got = d.pop(key)
-            if got != want:
-                raise ConfigError(f"{where}.{key}={got!r} is not supported ({what}: only {want!r})")
+def _check_fixed(d: dict, where: str, **required) -> None:
+    """Pops fields we implement at one value only; any other value is an error."""
+    for key, want in required.items():
+        got = d.pop(key, want)
+        if got != want:
+            raise ConfigError(f"{where}.{key}={got!r} is not supported (only {want!r})")
 
 
 def _drop_ignored(d: dict) -> dict:
