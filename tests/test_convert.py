@@ -59,7 +59,7 @@ def rename(tensors: dict, table: list[tuple[str, str]]) -> dict:
 def original_config(cfg) -> dict:
     t = cfg.text
     return {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_act": "silu",
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_act": "silu",  # as released
         "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
         "num_hidden_layers": t.num_hidden_layers,
         "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,

@@ -14,7 +14,8 @@ _ORIGINAL_TRAINING_FIELDS = frozenset({
     "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter", "mm_projector_lr", "tune_mm_vision_tower",
     "unfreeze_mm_vision_tower", "use_mm_proj", "mm_vision_tower_lr", "tokenizer_model_max_length",
     "tokenizer_padding_side", "mm_use_im_start_end", "mm_use_im_patch_token", "mm_vision_select_layer",
-    "mm_vision_select_feature", "mm_projector_type", "freeze_backbone",
+    "mm_vision_select_feature", "mm_projector_type", "freeze_backbone", "freeze_mm_vision_resampler",
+    "tune_mm_vision_resampler", "mm_resampler_type",
 })
 _CLIP_L14_336 = "clip-vit-large-patch14-336"
 
