@@ -91,12 +91,12 @@ def forward(model: LlavaForConditionalGeneration, input_ids, pixel_values=None, 
 
 
 def _check_image_tokens(input_ids, image_mask, per_image: int, num_images: int) -> None:
-    """With concrete inputs, each row must hold exactly one image's worth of image tokens, or none."""
+    """One image per row; with concrete inputs, each row holds exactly one image's worth of image tokens, or none."""
+    if input_ids.shape[0] != num_images:
+        raise ValueError(f"pixel_values holds {num_images} images for a batch of {input_ids.shape[0]} rows")
     if isinstance(input_ids, jax.core.Tracer):
         return
     counts = np.asarray(image_mask).sum(axis=1)
-    if input_ids.shape[0] != num_images:
-        raise ValueError(f"pixel_values holds {num_images} images for a batch of {input_ids.shape[0]} rows")
     bad = [i for i, c in enumerate(counts) if c not in (0, per_image)]
     if bad:
         raise ValueError(f"rows {bad} hold {counts[bad].tolist()} image tokens; each row needs {per_image} "
