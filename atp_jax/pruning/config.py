@@ -1,0 +1,56 @@
+"""Every knob of visual-token pruning in one frozen config: the ATP method and the baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+
+METHODS = ("atp", "fastv", "pdrop", "random", "spatial", "none")
+MODES = ("soft", "masked", "compact")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningConfig:
+    method: str = "atp"
+    mode: str = "masked"  # soft (training), masked (hard, static shapes), compact (tokens removed)
+    # ATP (DESIGN.md section 4)
+    atp_layers: tuple[int, ...] = (4, 14, 24)  # a module after each of these decoder layers (0-indexed, of 32)
+    temperature: float = 10.0  # T in sigmoid(T * (score - threshold))
+    lambda_atp: float = 0.05
+    lambda_target: float = 1.0
+    target_ratio: float = 0.25  # rho: the average visual-token budget as a fraction of all visual tokens
+    sap_lambda: float = 3.0
+    mlp_width: int = 256
+    sorted_len: int = 64  # each sorted score vector is resampled to this many values for the threshold MLP
+    position_mode: str = "original"  # kept tokens keep their RoPE positions, or "contiguous"
+    log_eps: float = 1e-6  # soft masks enter attention as log(D + eps)
+    # Baselines
+    fastv_layer: int = 2  # K: prune after layer K-1 by its last token's attention, i.e. before layer K
+    fastv_ratio: float = 0.5  # R: fraction of visual tokens removed
+    pdrop_layers: tuple[int, ...] = (8, 16, 24)
+    pdrop_keep: float = 0.5  # fraction kept at each PyramidDrop stage
+    seed: int = 0  # random baseline
+    # compact mode: sequence lengths after a module are rounded up to one of these multiples of the original
+    bucket_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: expected one of {METHODS}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
+        if self.position_mode not in ("original", "contiguous"):
+            raise ValueError(f"position_mode {self.position_mode!r}: expected 'original' or 'contiguous'")
+        if list(self.atp_layers) != sorted(set(self.atp_layers)):
+            raise ValueError(f"atp_layers {self.atp_layers} must be increasing")
+        if not 0 < self.target_ratio <= 1:
+            raise ValueError(f"target_ratio {self.target_ratio} must lie in (0, 1]")
+
+    def scaled_to(self, num_layers: int) -> PruningConfig:
+        """The same relative placement on a decoder of `num_layers` (4/14/24 of 32 -> 1/3/6 of 8), rounded down,
+        kept distinct and before the last layer."""
+
+        def scale(layer: int) -> int:
+            return min(num_layers - 2, layer * num_layers // 32)
+
+        return dataclasses.replace(self, atp_layers=tuple(sorted({scale(x) for x in self.atp_layers})),
+                                   pdrop_layers=tuple(sorted({scale(x) for x in self.pdrop_layers})),
+                                   fastv_layer=max(1, scale(self.fastv_layer)))

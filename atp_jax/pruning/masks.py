@@ -1,0 +1,51 @@
+"""Thresholds to keep-masks (soft for training, hard for inference) and masks to attention biases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from atp_jax.models.common import NEG_INF
+
+
+def soft_keep(s_red: Float[Array, "B P"], s_sp: Float[Array, " P"], theta_r: Float[Array, " B"],
+              theta_s: Float[Array, " B"], temperature: float) -> Float[Array, "B P"]:
+    """M = max(sigmoid(T (S_red - theta_r)), sigmoid(T (S_sp - theta_s))): differentiable in the thresholds."""
+    m_r = jax.nn.sigmoid(temperature * (s_red - theta_r[:, None]))
+    m_s = jax.nn.sigmoid(temperature * (s_sp[None, :] - theta_s[:, None]))
+    return jnp.maximum(m_r, m_s)
+
+
+def hard_keep(s_red: Float[Array, "B P"], s_sp: Float[Array, " P"], theta_r: Float[Array, " B"],
+              theta_s: Float[Array, " B"]) -> Bool[Array, "B P"]:
+    """keep = (S_red > theta_r) or (S_sp > theta_s); the limit of `soft_keep` as T grows (at 0.5)."""
+    return (s_red > theta_r[:, None]) | (s_sp[None, :] > theta_s[:, None])
+
+
+def scatter_to_sequence(values: Float[Array, "B P"], positions: Int[Array, "B P"], has_image: Bool[Array, " B"],
+                        length: int, fill: float) -> Float[Array, "B T"]:
+    """Per-visual-token values written at their sequence positions; `fill` elsewhere and in image-less rows.
+
+    Example: values [[5, 6]], positions [[1, 2]], length 4, fill 0 -> [[0, 5, 6, 0]].
+    """
+    base = jnp.full((values.shape[0], length), fill, values.dtype)
+    rows = jnp.arange(values.shape[0])[:, None]
+    out = base.at[rows, positions].set(values)
+    return jnp.where(has_image[:, None], out, base)
+
+
+def key_bias(keep: Float[Array, "B T"], eps: float | None) -> Float[Array, "B 1 T T"]:
+    """Attention bias from per-token keep weights, on every key except a query's own position (a pruned
+    token still sees itself, so no softmax row is empty).
+
+    Soft (`eps` given): log(keep + eps), so a weight of 1 (text tokens, kept tokens) adds ~0. Hard
+    (`eps` None, keep exactly 0 or 1): NEG_INF on dropped keys, the same as removing them.
+    Example: keep [[1, 0, 1]], hard -> row t=1 is [0, 0, 0]; rows 0 and 2 are [0, NEG_INF, 0].
+    """
+    if eps is None:
+        bias = jnp.where(keep > 0.5, 0.0, NEG_INF)
+    else:
+        bias = jnp.log(keep + eps)
+    t = keep.shape[1]
+    return jnp.where(jnp.eye(t, dtype=bool)[None, None], 0.0, bias[:, None, None, :]).astype(jnp.float32)

@@ -1,0 +1,163 @@
+"""The pure functions of the pruning engine, on small literal examples and numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from atp_jax.models.common import NEG_INF
+from atp_jax.models.config import LlavaConfig
+from atp_jax.pruning.accounting import (
+    budget_losses,
+    decoder_layer_flops,
+    flops_ratio,
+    prefill_flops,
+    visual_tokens_per_layer,
+)
+from atp_jax.pruning.compaction import bucket_length, compaction_index, gather_tokens
+from atp_jax.pruning.config import PruningConfig
+from atp_jax.pruning.masks import hard_keep, key_bias, scatter_to_sequence, soft_keep
+from atp_jax.pruning.scoring import attention_received, minmax_normalise, redundancy_score, sap_scores, visual_positions
+from atp_jax.pruning.thresholds import ThresholdMLP, resample_sorted
+
+
+def test_visual_positions():
+    mask = jnp.array([[0, 1, 1, 0], [1, 1, 0, 0]], bool)
+    np.testing.assert_array_equal(visual_positions(mask, 2), [[1, 2], [0, 1]])
+
+
+def test_attention_received_matches_numpy():
+    rng = np.random.default_rng(0)
+    b, nq, p, n, kv, h = 2, 5, 7, 4, 2, 8
+    q, k = rng.standard_normal((b, nq, n, h)), rng.standard_normal((b, p, kv, h))
+    keep = rng.random((b, p)) > 0.3
+    weight = (rng.random((b, nq)) > 0.4).astype(np.float32)
+    got = attention_received(jnp.asarray(q), jnp.asarray(k), jnp.where(jnp.asarray(keep), 0.0, NEG_INF),
+                             jnp.asarray(weight))
+    want = np.zeros((b, p))
+    for i in range(b):
+        per_head = []
+        for head in range(n):
+            logits = q[i, :, head] @ k[i, :, head // (n // kv)].T / np.sqrt(h)  # [Q, P]
+            logits = np.where(keep[i], logits, -np.inf)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            per_head.append(probs / probs.sum(-1, keepdims=True))
+        per_query = np.mean(per_head, axis=0)
+        want[i] = (per_query * weight[i][:, None]).sum(0) / weight[i].sum()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got).sum(-1), 1.0, atol=1e-6)  # a distribution over kept keys
+    zero = attention_received(jnp.asarray(q), jnp.asarray(k), jnp.zeros((b, p)), jnp.zeros((b, nq)))
+    np.testing.assert_array_equal(zero, 0.0)  # no queries (e.g. no text after the image): zeros, not NaN
+
+
+def test_minmax_and_redundancy():
+    x = jnp.array([[2.0, 4.0, 3.0, 9.0]])
+    kept = jnp.array([[1, 1, 1, 0]], bool)
+    np.testing.assert_allclose(minmax_normalise(x, kept), [[0, 1, 0.5, 0]])
+    np.testing.assert_allclose(minmax_normalise(jnp.array([[3.0, 3.0]]), jnp.array([[1, 1]], bool)), [[1, 1]])
+    cross = jnp.array([[4.0, 2.0, 3.0, 0.0]])
+    np.testing.assert_allclose(redundancy_score(x, cross, kept, jnp.array([True])), [[0.5, 0.5, 0.5, 0]])
+    np.testing.assert_allclose(redundancy_score(x, cross, kept, jnp.array([False])), [[0, 1, 0.5, 0]])
+
+
+def test_sap_scores_literal():
+    s = sap_scores(4, 3.0).reshape(4, 4)
+    want = np.full((4, 4), -1.0)
+    want[0, 0] = want[0, 2] = want[2, 0] = 0.25
+    want[2, 2] = 1 - 3 / 16
+    np.testing.assert_allclose(s, want)
+
+
+def test_sap_skeletons_are_nested_and_even():
+    s = sap_scores(24, 3.0).reshape(24, 24)
+    counts = [int((s > t).sum()) for t in (0.0, 0.7, 0.9, 0.96, 0.99)]
+    assert counts == [192, 48, 24, 4, 1]  # stride 2 or 3 (144 + 64 - 16), 4 or 6, 6 or 8, 12, 24
+    assert s[12, 12] == s.max()  # the coarsest grid is the centre patch
+    on = np.argwhere(s > 0.9)  # strides 6, 8, 12, 24: an even spread, not a corner
+    assert on[:, 0].min() <= 6 and on[:, 0].max() >= 18
+
+
+def test_soft_mask_approaches_hard_mask():
+    rng = np.random.default_rng(1)
+    s_red, s_sp = jnp.asarray(rng.random((3, 16))), jnp.asarray(sap_scores(4, 3.0))
+    theta_r, theta_s = jnp.array([0.3, 0.6, 0.9]), jnp.array([0.2, 0.5, 0.95])
+    hard = hard_keep(s_red, s_sp, theta_r, theta_s)
+    soft = soft_keep(s_red, s_sp, theta_r, theta_s, temperature=1e5)
+    np.testing.assert_allclose(soft, hard.astype(np.float32), atol=1e-6)
+    assert ((soft_keep(s_red, s_sp, theta_r, theta_s, 10.0) > 0.5) == hard).all()
+
+
+def test_scatter_to_sequence_and_key_bias():
+    values = jnp.array([[5.0, 6.0], [7.0, 8.0]])
+    out = scatter_to_sequence(values, jnp.array([[1, 2], [0, 1]]), jnp.array([True, False]), 4, 0.0)
+    np.testing.assert_array_equal(out, [[0, 5, 6, 0], [0, 0, 0, 0]])
+    hard = key_bias(jnp.array([[1.0, 0.0, 1.0]]), None)[0, 0]
+    ninf = np.float32(NEG_INF)
+    np.testing.assert_array_equal(hard, np.array([[0, ninf, 0], [0, 0, 0], [0, ninf, 0]], np.float32))
+    soft = key_bias(jnp.array([[1.0, 0.5]]), 1e-6)[0, 0]
+    np.testing.assert_allclose(soft, [[0, np.log(0.5 + 1e-6)], [np.log(1 + 1e-6), 0]], atol=1e-6)
+
+
+def test_compaction():
+    assert bucket_length(170, 640, (0.25, 0.5, 1.0)) == 320
+    assert bucket_length(0, 640, (0.25, 1.0)) == 160
+    with pytest.raises(ValueError):
+        bucket_length(700, 640, (0.5, 1.0))
+    keep = jnp.array([[1, 0, 1, 1], [0, 1, 0, 0]], bool)
+    index, valid = compaction_index(keep, 3)
+    np.testing.assert_array_equal(index, [[0, 2, 3], [1, 0, 2]])
+    np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0]])
+    x = jnp.arange(8.0).reshape(2, 4)[..., None] * jnp.ones(3)
+    np.testing.assert_array_equal(gather_tokens(x, index)[..., 0], [[0, 2, 3], [5, 4, 6]])
+
+
+def test_visual_tokens_per_layer_and_losses():
+    per_layer = visual_tokens_per_layer(jnp.array([[100.0, 50.0]]), (1, 2), 4, jnp.array([200.0]))
+    np.testing.assert_array_equal(per_layer, [[200, 200, 100, 50]])
+    l_atp, l_target, avg = budget_losses(jnp.array([[100.0, 50.0], [20.0, 10.0]]), (1, 2), 4, 200,
+                                         jnp.array([1.0, 0.0]), target_ratio=0.25)
+    np.testing.assert_allclose(l_atp, [100 / 200 * 1 / 4 + 50 / 200 * 2 / 4, 0])
+    np.testing.assert_allclose(avg, [137.5, 0])
+    np.testing.assert_allclose(l_target, [abs(137.5 / 200 - 0.25), 0])
+
+
+def test_flops():
+    cfg = LlavaConfig.tiny()
+    t = cfg.text  # d 64, heads 4 (kv 2) of 16, F 128
+    assert decoder_layer_flops(t, 10) == 2 * 10 * 64 * 16 * (8 + 4) + 4 * 100 * 4 * 16 + 6 * 10 * 64 * 128
+    n = cfg.num_image_tokens + 8
+    assert flops_ratio(cfg, [cfg.num_image_tokens] * 4, 8) == 1.0
+    assert flops_ratio(cfg, [16, 16, 4, 4], 8) < 1.0
+    parts = prefill_flops(cfg, [n] * 4)
+    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+
+
+def test_resample_sorted_literal():
+    out = resample_sorted(jnp.array([[0.2, 0.9, 0.5, 0.7]]), jnp.array([[1, 1, 1, 0]], bool), 5)
+    np.testing.assert_allclose(out, [[0.9, 0.7, 0.5, 0.35, 0.2]], atol=1e-6)
+    np.testing.assert_array_equal(resample_sorted(jnp.ones((1, 3)), jnp.zeros((1, 3), bool), 4), 0.0)
+
+
+def test_threshold_mlp_starts_at_its_initial_thresholds_and_has_gradients():
+    mlp = ThresholdMLP(8, 16, init_theta_r=0.7, init_theta_s=0.9, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(0), (3, 8))
+    theta_r, theta_s = mlp(x, x[::-1])
+    np.testing.assert_allclose(theta_r, 0.7, rtol=1e-6)
+    np.testing.assert_allclose(theta_s, 0.9, rtol=1e-6)
+
+    def loss(m):
+        r, s = m(x, x)
+        return (r * s).sum()
+
+    grads = nnx.grad(loss)(mlp)
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.isfinite(g).all()) for g in leaves)
+    assert float(jnp.abs(grads.head.kernel[...]).sum()) > 0
+
+
+def test_pruning_config():
+    assert PruningConfig().scaled_to(8).atp_layers == (1, 3, 6)
+    assert PruningConfig().scaled_to(32).atp_layers == (4, 14, 24)
+    with pytest.raises(ValueError, match="method"):
+        PruningConfig(method="magic")
