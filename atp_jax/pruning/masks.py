@@ -9,18 +9,18 @@ from jaxtyping import Array, Bool, Float, Int
 from atp_jax.models.common import NEG_INF
 
 
-def soft_keep(s_red: Float[Array, "B P"], s_sp: Float[Array, " P"], theta_r: Float[Array, " B"],
+def soft_keep(s_red: Float[Array, "B P"], s_sp: Float[Array, "B P"], theta_r: Float[Array, " B"],
               theta_s: Float[Array, " B"], temperature: float) -> Float[Array, "B P"]:
     """M = max(sigmoid(T (S_red - theta_r)), sigmoid(T (S_sp - theta_s))): differentiable in the thresholds."""
     m_r = jax.nn.sigmoid(temperature * (s_red - theta_r[:, None]))
-    m_s = jax.nn.sigmoid(temperature * (s_sp[None, :] - theta_s[:, None]))
+    m_s = jax.nn.sigmoid(temperature * (s_sp - theta_s[:, None]))
     return jnp.maximum(m_r, m_s)
 
 
-def hard_keep(s_red: Float[Array, "B P"], s_sp: Float[Array, " P"], theta_r: Float[Array, " B"],
+def hard_keep(s_red: Float[Array, "B P"], s_sp: Float[Array, "B P"], theta_r: Float[Array, " B"],
               theta_s: Float[Array, " B"]) -> Bool[Array, "B P"]:
     """keep = (S_red > theta_r) or (S_sp > theta_s); the limit of `soft_keep` as T grows (at 0.5)."""
-    return (s_red > theta_r[:, None]) | (s_sp[None, :] > theta_s[:, None])
+    return (s_red > theta_r[:, None]) | (s_sp > theta_s[:, None])
 
 
 def scatter_to_sequence(values: Float[Array, "B P"], positions: Int[Array, "B P"], has_image: Bool[Array, " B"],

@@ -1,0 +1,177 @@
+"""ATP inside LLaVA: pruning modules between decoder layers, in `soft` and `masked` mode (static shapes).
+
+Einsum alphabet: B batch, T sequence, P visual tokens, M pruning modules, L decoder layers, V vocab.
+Each module sits after one decoder layer and decides, from that layer's queries and keys, which visual
+tokens later layers still see; decisions are cumulative. `soft` multiplies soft keep-weights D and adds
+log(D + eps) to the attention logits of visual keys; `masked` uses hard 0/1 decisions (NEG_INF).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from atp_jax.models.common import NEG_INF
+from atp_jax.models.llama import padding_bias, positions_from_mask
+from atp_jax.models.llava import LlavaForConditionalGeneration
+from atp_jax.pruning.accounting import budget_losses, visual_tokens_per_layer
+from atp_jax.pruning.compaction import gather_tokens
+from atp_jax.pruning.config import PruningConfig
+from atp_jax.pruning.masks import hard_keep, key_bias, scatter_to_sequence, soft_keep
+from atp_jax.pruning.scoring import attention_received, minmax_normalise, sap_scores, visual_positions
+from atp_jax.pruning.thresholds import ThresholdMLP, resample_sorted
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrunedOutput:
+    logits: Float[Array, "B T V"]
+    keep: Float[Array, "B M P"]  # visual keep weights after each module (0/1 when hard), original visual order
+    counts: Float[Array, "B M"]  # visual tokens kept after each module (soft sums in soft mode)
+    visual_per_layer: Float[Array, "B L"]  # visual tokens entering each decoder layer
+    thresholds: Float[Array, "B M 2"]  # (theta_r, theta_s) per module; zeros for methods without them
+    has_image: Bool[Array, " B"]
+
+
+def module_layers(pcfg: PruningConfig) -> tuple[int, ...]:
+    """The decoder layers after which a pruning module runs."""
+    if pcfg.method in ("atp", "spatial", "random"):
+        return pcfg.atp_layers
+    if pcfg.method == "fastv":
+        return (pcfg.fastv_layer - 1,)
+    if pcfg.method == "pdrop":
+        return tuple(layer - 1 for layer in pcfg.pdrop_layers)
+    return ()
+
+
+def initial_thresholds(sap: np.ndarray, target_ratio: float) -> tuple[float, float]:
+    """Starting (theta_r, theta_s): SAP alone keeps about half the budget and redundancy the top scores.
+
+    With min-max normalised redundancy scores in [0, 1], theta_r = 1 - target keeps the top of the range.
+    """
+    order = np.sort(sap)[::-1]
+    k = max(1, int(round(len(sap) * target_ratio / 2)))
+    theta_s = float(np.clip((order[k - 1] + order[min(k, len(sap) - 1)]) / 2, 0.01, 0.99))
+    return float(np.clip(1.0 - target_ratio, 0.01, 0.99)), theta_s
+
+
+def sap_for(cfg, pcfg: PruningConfig) -> np.ndarray:
+    """SAP scores in the order of the visual tokens (CLS, when kept by the 'full' strategy, always scores 1)."""
+    s = sap_scores(cfg.vision.grid, pcfg.sap_lambda)
+    return np.concatenate([[1.0], s]).astype(np.float32) if cfg.vision_feature_select_strategy == "full" else s
+
+
+def atp_decision(mlp: ThresholdMLP, q_vis, k_vis, q_all, text_weight: Float[Array, "B T"],
+                 keep: Float[Array, "B P"], sap: Float[Array, "B P"], pcfg: PruningConfig, soft: bool):
+    """One ATP module: redundancy scores on the side path, instance thresholds, the new cumulative keep."""
+    kept = keep > 0.5
+    key_bias_vis = jnp.log(keep + pcfg.log_eps) if soft else jnp.where(kept, 0.0, NEG_INF)
+    s_self = minmax_normalise(attention_received(q_vis, k_vis, key_bias_vis, keep), kept)
+    s_cross = minmax_normalise(attention_received(q_all, k_vis, key_bias_vis, text_weight), kept)
+    has_cross = text_weight.sum(-1) > 0
+    s_red = jax.lax.stop_gradient(jnp.where(has_cross[:, None], (s_self + s_cross) / 2, s_self))
+    profile = [jax.lax.stop_gradient(resample_sorted(s, kept, pcfg.sorted_len)) for s in (s_self, s_cross)]
+    theta_r, theta_s = mlp(*profile)
+    if soft:
+        new = keep * soft_keep(s_red, sap, theta_r, theta_s, pcfg.temperature)
+    else:
+        new = keep * hard_keep(s_red, sap, theta_r, theta_s)
+    return new, jnp.stack([theta_r, theta_s], axis=-1)
+
+
+def spatial_decision(keep, sap: np.ndarray, pcfg: PruningConfig, soft: bool):
+    """SAP only, at the fixed threshold that keeps about `target_ratio` of the grid (the densest skeleton
+    that fits the budget)."""
+    budget = max(1, int(round(len(sap) * pcfg.target_ratio)))
+    levels = np.unique(sap)[::-1]  # score levels, best first; a level's patches are kept or dropped together
+    fits = [lv for lv in levels if (sap >= lv).sum() <= budget]
+    theta = (fits[-1] if fits else levels[0]) - 1e-6
+    m = jax.nn.sigmoid(pcfg.temperature * (sap - theta)) if soft else (sap > theta)
+    return keep * jnp.asarray(m, jnp.float32)[None]
+
+
+class PrunedLlava(nnx.Module):
+    """LLaVA with visual-token pruning modules between decoder layers (`soft` and `masked` modes)."""
+
+    def __init__(self, llava: LlavaForConditionalGeneration, pcfg: PruningConfig, rngs: nnx.Rngs):
+        if pcfg.mode == "compact":
+            raise ValueError("compact mode runs through prefill_compact, not the static-shape model")
+        layers = module_layers(pcfg)
+        n = llava.config.text.num_hidden_layers
+        if layers and (layers[0] < 0 or layers[-1] >= n - 1):
+            raise ValueError(f"pruning modules after layers {layers} do not fit a {n}-layer decoder")
+        self.llava, self.pcfg, self.module_layers = llava, pcfg, layers
+        theta_r, theta_s = initial_thresholds(sap_for(llava.config, pcfg), pcfg.target_ratio)
+        self.thresholds = nnx.List([ThresholdMLP(pcfg.sorted_len, pcfg.mlp_width, theta_r, theta_s, rngs)
+                                    for _ in layers]) if pcfg.method == "atp" else nnx.List([])
+
+    def __call__(self, input_ids: Int[Array, "B T"], pixel_values=None, attention_mask=None) -> PrunedOutput:
+        cfg, pcfg = self.llava.config, self.pcfg
+        lm, soft = self.llava.language_model, pcfg.mode == "soft"
+        b, t = input_ids.shape
+        p, n_layers = cfg.num_image_tokens, cfg.text.num_hidden_layers
+        h, _, image_mask = self.llava.embed(input_ids, pixel_values)
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        has_image = image_mask.any(axis=1) & (pixel_values is not None)
+        vis_idx = visual_positions(image_mask, p)  # [B, P]
+        last_visual = jnp.max(jnp.where(image_mask, jnp.arange(t), -1), axis=1)  # [B]
+        text_weight = ((jnp.arange(t)[None] > last_visual[:, None]) & valid & has_image[:, None]).astype(jnp.float32)
+        positions = positions_from_mask(attention_mask, b, t)
+        pad = padding_bias(attention_mask)
+        sap_np = sap_for(cfg, pcfg)
+        sap = jnp.broadcast_to(jnp.asarray(sap_np), (b, p))
+        keep = jnp.ones((b, p), jnp.float32)
+        keeps, thetas = [], []
+        start = 0
+        modules = self.module_layers if pixel_values is not None else ()  # nothing to prune without an image
+        for m, layer in enumerate(modules + (None,)):
+            stop = n_layers if layer is None else layer + 1
+            bias = pad if m == 0 else self._bias(keep, vis_idx, has_image, t, pad)
+            if layer is None:
+                h = lm.run_layers(h, positions, bias, start, stop)
+                break
+            h, (q, k) = lm.run_layers(h, positions, bias, start, stop, return_last_qk=True)
+            theta = jnp.zeros((b, 2))
+            if pcfg.method == "atp":
+                keep, theta = atp_decision(self.thresholds[m], gather_tokens(q, vis_idx), gather_tokens(k, vis_idx),
+                                           q, text_weight, keep, sap, pcfg, soft)
+            elif pcfg.method == "spatial":
+                keep = spatial_decision(keep, sap_np, pcfg, soft)
+            else:
+                raise NotImplementedError(f"method {pcfg.method!r} is not in the static-shape engine yet")
+            keep = jnp.where(has_image[:, None], keep, 0.0)
+            keeps.append(keep)
+            thetas.append(theta)
+            if pcfg.position_mode == "contiguous":
+                seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) > 0.5
+                positions = positions_from_mask(seq_keep & valid, b, t)
+            start = stop
+        logits = lm.head(h).astype(jnp.float32)
+        n_modules = len(self.module_layers)
+        keep_all = jnp.stack(keeps, axis=1) if keeps else jnp.zeros((b, n_modules, p))
+        counts = keep_all.sum(-1)
+        num_visual = has_image.astype(jnp.float32) * p
+        return PrunedOutput(logits=logits, keep=keep_all, counts=counts,
+                            visual_per_layer=visual_tokens_per_layer(counts, modules, n_layers, num_visual),
+                            thresholds=jnp.stack(thetas, axis=1) if thetas else jnp.zeros((b, n_modules, 2)),
+                            has_image=has_image)
+
+    def _bias(self, keep, vis_idx, has_image, length, pad):
+        seq_keep = scatter_to_sequence(keep, vis_idx, has_image, length, 1.0)  # [B, T], 1 on text
+        bias = key_bias(seq_keep, self.pcfg.log_eps if self.pcfg.mode == "soft" else None)  # [B, 1, T, T]
+        return bias if pad is None else bias + pad
+
+    def losses(self, out: PrunedOutput) -> dict[str, Float[Array, ""]]:
+        """The budget losses (batch means) from the soft counts, weighted, for the trainer to add to L_lm."""
+        pcfg = self.pcfg
+        l_atp, l_target, avg = budget_losses(out.counts, self.module_layers, self.llava.config.text.num_hidden_layers,
+                                             self.llava.config.num_image_tokens,
+                                             out.has_image.astype(jnp.float32), pcfg.target_ratio)
+        n = jnp.maximum(out.has_image.sum(), 1)
+        return {"atp": pcfg.lambda_atp * l_atp.sum() / n, "target": pcfg.lambda_target * l_target.sum() / n,
+                "avg_visual_tokens": avg.sum() / n}

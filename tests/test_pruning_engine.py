@@ -1,0 +1,151 @@
+"""The pruning engine inside LLaVA: soft and masked modes, their invariants, and edge cases."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from atp_jax import LlavaConfig, LlavaForConditionalGeneration, forward
+from atp_jax.pruning.config import PruningConfig
+from atp_jax.pruning.engine import PrunedLlava
+from atp_jax.testing.reference import random_inputs
+
+CFG = LlavaConfig.tiny()  # 4 decoder layers, 16 visual tokens
+PCFG = PruningConfig(atp_layers=(0, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return LlavaForConditionalGeneration(CFG, rngs=nnx.Rngs(0))
+
+
+def pruned(llava, **kw) -> PrunedLlava:
+    return PrunedLlava(llava, dataclasses.replace(PCFG, **kw), rngs=nnx.Rngs(1))
+
+
+def set_thresholds(model: PrunedLlava, unit_r: float, unit_s: float):
+    """Every module's thresholds fixed at the given points of their ranges, for every instance."""
+    for mlp in model.thresholds:
+        mlp.head.kernel[...] = jnp.zeros_like(mlp.head.kernel[...])
+        mlp.head.bias[...] = jnp.array([np.log(unit_r / (1 - unit_r)), np.log(unit_s / (1 - unit_s))])
+
+
+def batch(n=4, seed=0, text_len=8):
+    ids, pixels = random_inputs(CFG, n, text_len, seed=seed)
+    return jnp.asarray(ids), jnp.asarray(pixels)
+
+
+@pytest.mark.parametrize("mode,temperature", [("masked", 10.0), ("soft", 1e4)])
+def test_thresholds_that_keep_everything_equal_the_unpruned_model(llava, mode, temperature):
+    model = pruned(llava, mode=mode, temperature=temperature)
+    set_thresholds(model, 1e-6, 1e-6)
+    ids, pixels = batch()
+    out = model(ids, pixels)
+    np.testing.assert_array_equal(out.counts, CFG.num_image_tokens)
+    np.testing.assert_allclose(out.logits, forward(llava, ids, pixels).logits, atol=1e-5, rtol=0)
+
+
+def test_thresholds_that_keep_nothing_drop_every_visual_token_without_nans(llava):
+    model = pruned(llava, mode="masked")
+    set_thresholds(model, 1 - 1e-6, 1 - 1e-6)
+    ids, pixels = batch()
+    out = model(ids, pixels)
+    np.testing.assert_array_equal(out.counts, 0)
+    assert np.isfinite(np.asarray(out.logits)).all()
+    np.testing.assert_array_equal(out.visual_per_layer, [[16, 0, 0, 0]] * 4)
+
+
+def test_masked_batch_equals_singles(llava):
+    model = pruned(llava, mode="masked")
+    ids, pixels = batch(4, seed=3)
+    out = model(ids, pixels)
+    assert len({tuple(c) for c in np.asarray(out.counts).tolist()}) > 1  # rows keep different numbers
+    for i in range(4):
+        one = model(ids[i:i + 1], pixels[i:i + 1])
+        np.testing.assert_array_equal(one.keep[0], out.keep[i])
+        np.testing.assert_allclose(one.logits[0], out.logits[i], atol=1e-5, rtol=0)
+
+
+def test_padded_batch_equals_singles(llava):
+    model = pruned(llava, mode="masked")
+    a, pa = batch(1, seed=4, text_len=8)
+    b, pb = batch(1, seed=5, text_len=5)
+    length = a.shape[1]
+    ids = np.zeros((2, length), np.int32)
+    mask = np.zeros((2, length), np.int32)
+    ids[0], mask[0] = a[0], 1
+    ids[1, -b.shape[1]:], mask[1, -b.shape[1]:] = b[0], 1  # left padding
+    out = model(jnp.asarray(ids), jnp.concatenate([pa, pb]), jnp.asarray(mask))
+    alone = model(b, pb)
+    np.testing.assert_array_equal(out.keep[1], alone.keep[0])
+    np.testing.assert_allclose(out.logits[1, -b.shape[1]:], alone.logits[0], atol=1e-5, rtol=0)
+
+
+def test_soft_mode_gradients_reach_every_threshold_parameter(llava):
+    model = pruned(llava, mode="soft")
+    ids, pixels = batch(2)
+
+    def loss(m):
+        out = m(ids, pixels)
+        parts = m.losses(out)
+        return out.logits[:, -1].std() + parts["atp"] + parts["target"]
+
+    only_thresholds = nnx.DiffState(0, nnx.All(nnx.Param, nnx.PathContains("thresholds")))
+    grads = nnx.grad(loss, argnums=only_thresholds)(model)
+    leaves = jax.tree.leaves(grads)
+    assert len(leaves) == 4 * len(PCFG.atp_layers)
+    for g in leaves:
+        assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g).sum()) > 0
+
+
+def test_soft_with_large_temperature_approaches_masked(llava):
+    ids, pixels = batch(4, seed=6)
+    hard = pruned(llava, mode="masked")(ids, pixels)
+    soft = pruned(llava, mode="soft", temperature=1e5)(ids, pixels)
+    np.testing.assert_allclose(soft.keep, hard.keep, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(soft.logits, hard.logits, atol=1e-4, rtol=0)
+
+
+def test_inputs_without_image_or_without_text_after_it(llava):
+    model = pruned(llava, mode="masked")
+    ids, pixels = batch(2)
+    text_only = jnp.asarray([[1, 5, 6, 7, 8]])
+    out = model(text_only)
+    np.testing.assert_array_equal(out.counts, 0)
+    np.testing.assert_allclose(out.logits, forward(llava, text_only).logits, atol=1e-5)
+    image_last = ids[:, : 1 + CFG.num_image_tokens]  # BOS, then the image, nothing after
+    out = model(image_last, pixels)
+    assert np.isfinite(np.asarray(out.logits)).all() and (np.asarray(out.counts) > 0).all()
+    soft = pruned(llava, mode="soft")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(soft.losses(soft(image_last, pixels))))
+
+
+def test_accounting_and_losses(llava):
+    model = pruned(llava, mode="masked")
+    out = model(*batch(3))
+    counts = np.asarray(out.counts)
+    per_layer = np.asarray(out.visual_per_layer)
+    np.testing.assert_array_equal(per_layer[:, 0], 16)
+    np.testing.assert_array_equal(per_layer[:, 1:], counts)  # modules after layers 0, 1, 2 of 4
+    assert (np.diff(counts, axis=1) <= 0).all()  # cumulative
+    parts = model.losses(out)
+    np.testing.assert_allclose(parts["avg_visual_tokens"], per_layer.mean(), rtol=1e-6)
+
+
+def test_contiguous_positions(llava):
+    original = pruned(llava, mode="masked")
+    contiguous = pruned(llava, mode="masked", position_mode="contiguous")
+    ids, pixels = batch(2)
+    a, b = original(ids, pixels), contiguous(ids, pixels)
+    np.testing.assert_array_equal(a.keep[:, 0], b.keep[:, 0])  # the first decision precedes any renumbering
+    assert not np.allclose(a.logits[:, -1], b.logits[:, -1])
+
+
+def test_spatial_baseline_keeps_the_sap_skeleton(llava):
+    model = pruned(llava, method="spatial", mode="masked", target_ratio=0.25)
+    out = model(*batch(2))
+    keep = np.asarray(out.keep[0, 0]).reshape(4, 4)
+    assert keep.sum() == 4 and keep[2, 2] == 1  # the stride-2 and stride-4 grids: (0,0), (0,2), (2,0), (2,2)
