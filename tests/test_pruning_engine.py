@@ -149,3 +149,70 @@ def test_spatial_baseline_keeps_the_sap_skeleton(llava):
     out = model(*batch(2))
     keep = np.asarray(out.keep[0, 0]).reshape(4, 4)
     assert keep.sum() == 4 and keep[2, 2] == 1  # the stride-2 and stride-4 grids: (0,0), (0,2), (2,0), (2,2)
+
+
+def numpy_last_token_attention(llava, ids, pixels, layer: int) -> np.ndarray:
+    """Head-averaged attention probabilities of the last token over the visual tokens at decoder `layer`,
+    computed in numpy from the full causal softmax over all keys (the FastV recipe)."""
+    from atp_jax.models.llama import positions_from_mask, rope_cos_sin
+
+    lm = llava.language_model
+    h, _, image_mask = llava.embed(ids, pixels)
+    positions = positions_from_mask(None, *ids.shape)
+    x = np.asarray(lm.run_layers(h, positions, None, 0, layer), np.float64)  # input of `layer`
+    params = jax.tree.map(lambda a: np.asarray(a[layer], np.float64), nnx.to_pure_dict(nnx.state(lm.layers)))
+    norm = x / np.sqrt((x**2).mean(-1, keepdims=True) + CFG.text.rms_norm_eps) * params["input_layernorm"]["weight"]
+    hd, n, kv = CFG.text.dim_per_head, CFG.text.num_attention_heads, CFG.text.num_key_value_heads
+    q = (norm @ params["self_attn"]["q_proj"]["kernel"]).reshape(*x.shape[:2], n, hd)
+    k = (norm @ params["self_attn"]["k_proj"]["kernel"]).reshape(*x.shape[:2], kv, hd)
+    cos, sin = (np.asarray(a, np.float64)[:, :, None] for a in rope_cos_sin(CFG.text, positions))
+
+    def rope(a):
+        return a * cos + np.concatenate([-a[..., hd // 2:], a[..., :hd // 2]], -1) * sin
+
+    q, k = rope(q), rope(k)
+    out = []
+    for b in range(x.shape[0]):
+        probs = []
+        for head in range(n):
+            logits = q[b, -1, head] @ k[b, :, head // (n // kv)].T / np.sqrt(hd)  # last query sees every key
+            e = np.exp(logits - logits.max())
+            probs.append(e / e.sum())
+        out.append(np.mean(probs, 0)[np.asarray(image_mask[b])])
+    return np.array(out)
+
+
+def test_fastv_keeps_the_tokens_a_numpy_reference_ranks_first(llava):
+    model = pruned(llava, method="fastv", fastv_layer=2, fastv_ratio=0.75)
+    ids, pixels = batch(3, seed=7)
+    out = model(ids, pixels)
+    attn = numpy_last_token_attention(llava, ids, pixels, layer=1)
+    for b in range(3):
+        want = np.zeros(16)
+        want[np.argsort(-attn[b], kind="stable")[:4]] = 1
+        np.testing.assert_array_equal(out.keep[b, 0], want)
+    np.testing.assert_array_equal(out.visual_per_layer, [[16, 16, 4, 4]] * 3)
+
+
+def test_pyramid_drop_halves_the_kept_tokens_at_each_stage(llava):
+    model = pruned(llava, method="pdrop", pdrop_layers=(1, 2, 3), pdrop_keep=0.5)
+    ids, pixels = batch(3, seed=8)
+    out = model(ids, pixels)
+    keep = np.asarray(out.keep)
+    np.testing.assert_array_equal(out.counts, [[8, 4, 2]] * 3)
+    assert (keep[:, 1] <= keep[:, 0]).all() and (keep[:, 2] <= keep[:, 1]).all()  # nested
+    attn = numpy_last_token_attention(llava, ids, pixels, layer=0)  # the first stage: nothing pruned yet
+    for b in range(3):
+        want = np.zeros(16)
+        want[np.argsort(-attn[b], kind="stable")[:8]] = 1
+        np.testing.assert_array_equal(keep[b, 0], want)
+
+
+def test_random_follows_its_schedule_and_is_batch_invariant(llava):
+    model = pruned(llava, method="random", random_schedule=(0.5, 0.25, 0.25))
+    ids, pixels = batch(3, seed=9)
+    out = model(ids, pixels)
+    np.testing.assert_array_equal(out.counts, [[8, 4, 4]] * 3)
+    assert len({tuple(np.flatnonzero(r)) for r in np.asarray(out.keep[:, 0])}) > 1  # rows draw differently
+    one = model(ids[1:2], pixels[1:2])
+    np.testing.assert_array_equal(one.keep[0], out.keep[1])

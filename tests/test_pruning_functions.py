@@ -161,3 +161,11 @@ def test_pruning_config():
     assert PruningConfig().scaled_to(32).atp_layers == (4, 14, 24)
     with pytest.raises(ValueError, match="method"):
         PruningConfig(method="magic")
+
+
+def test_keep_top_literal():
+    from atp_jax.pruning.masks import keep_top
+
+    out = keep_top(jnp.array([[0.1, 0.7, 0.3, 0.9]]), jnp.array([[1, 1, 1, 0]], bool), 2)
+    np.testing.assert_array_equal(out, [[0, 1, 1, 0]])
+    np.testing.assert_array_equal(keep_top(jnp.ones((1, 3)), jnp.array([[1, 0, 1]], bool), 5), [[1, 0, 1]])

@@ -29,6 +29,7 @@ class PruningConfig:
     pdrop_layers: tuple[int, ...] = (8, 16, 24)
     pdrop_keep: float = 0.5  # fraction kept at each PyramidDrop stage
     seed: int = 0  # random baseline
+    random_schedule: tuple[float, ...] = (0.5, 0.25, 0.125)  # fraction of visual tokens kept after each module
     # compact mode: sequence lengths after a module are rounded up to one of these multiples of the original
     bucket_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
@@ -41,6 +42,8 @@ class PruningConfig:
             raise ValueError(f"position_mode {self.position_mode!r}: expected 'original' or 'contiguous'")
         if list(self.atp_layers) != sorted(set(self.atp_layers)):
             raise ValueError(f"atp_layers {self.atp_layers} must be increasing")
+        if self.method == "random" and len(self.random_schedule) != len(self.atp_layers):
+            raise ValueError(f"random_schedule {self.random_schedule} needs one fraction per module {self.atp_layers}")
         if not 0 < self.target_ratio <= 1:
             raise ValueError(f"target_ratio {self.target_ratio} must lie in (0, 1]")
 

@@ -22,7 +22,7 @@ from atp_jax.models.llava import LlavaForConditionalGeneration
 from atp_jax.pruning.accounting import budget_losses, visual_tokens_per_layer
 from atp_jax.pruning.compaction import gather_tokens
 from atp_jax.pruning.config import PruningConfig
-from atp_jax.pruning.masks import hard_keep, key_bias, scatter_to_sequence, soft_keep
+from atp_jax.pruning.masks import hard_keep, keep_top, key_bias, scatter_to_sequence, soft_keep
 from atp_jax.pruning.scoring import attention_received, minmax_normalise, sap_scores, visual_positions
 from atp_jax.pruning.thresholds import ThresholdMLP, resample_sorted
 
@@ -95,6 +95,29 @@ def spatial_decision(keep, sap: np.ndarray, pcfg: PruningConfig, soft: bool):
     return keep * jnp.asarray(m, jnp.float32)[None]
 
 
+def ranked_decision(m: int, keep: Float[Array, "B P"], q_all, k_all, seq_keep: Float[Array, "B T"],
+                    vis_idx: Int[Array, "B P"], last_weight: Float[Array, "B T"], row_seed: Int[Array, " B"],
+                    pcfg: PruningConfig) -> Float[Array, "B P"]:
+    """The baselines: keep a fixed number of the kept visual tokens, ranked by the attention the prompt's last
+    token pays them (FastV, PyramidDrop: softmax over every key it sees, head-averaged, visual columns) or at
+    random (same counts as a schedule)."""
+    kept = keep > 0.5
+    p = keep.shape[1]
+    if pcfg.method == "fastv":
+        count = round((1 - pcfg.fastv_ratio) * p)
+    elif pcfg.method == "pdrop":
+        count = round(p * pcfg.pdrop_keep ** (m + 1))
+    else:
+        count = round(p * pcfg.random_schedule[m])
+    if pcfg.method == "random":  # a key per instance, from its content: a batch draws what its rows draw alone
+        base = jax.random.fold_in(jax.random.key(pcfg.seed), m)
+        scores = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(base, s), (p,)))(row_seed)
+    else:
+        received = attention_received(q_all, k_all, jnp.where(seq_keep > 0.5, 0.0, NEG_INF), last_weight)  # [B, T]
+        scores = jnp.take_along_axis(received, vis_idx, axis=1)
+    return keep_top(scores, kept, count).astype(jnp.float32)
+
+
 class PrunedLlava(nnx.Module):
     """LLaVA with visual-token pruning modules between decoder layers (`soft` and `masked` modes)."""
 
@@ -121,6 +144,11 @@ class PrunedLlava(nnx.Module):
         vis_idx = visual_positions(image_mask, p)  # [B, P]
         last_visual = jnp.max(jnp.where(image_mask, jnp.arange(t), -1), axis=1)  # [B]
         text_weight = ((jnp.arange(t)[None] > last_visual[:, None]) & valid & has_image[:, None]).astype(jnp.float32)
+        last_valid = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)  # the prompt's last token
+        last_weight = (jnp.arange(t)[None] == last_valid[:, None]).astype(jnp.float32)  # [B, T]
+        ids = jnp.where(valid, input_ids, 0)
+        row_seed = jnp.cumsum(jnp.where(valid, 1, 0), axis=1)  # content hash that ignores padding
+        row_seed = (ids * (2 * row_seed + 1)).sum(axis=1) % (2**31 - 1)  # [B]
         positions = positions_from_mask(attention_mask, b, t)
         pad = padding_bias(attention_mask)
         sap_np = sap_for(cfg, pcfg)
@@ -142,8 +170,9 @@ class PrunedLlava(nnx.Module):
                                            q, text_weight, keep, sap, pcfg, soft)
             elif pcfg.method == "spatial":
                 keep = spatial_decision(keep, sap_np, pcfg, soft)
-            else:
-                raise NotImplementedError(f"method {pcfg.method!r} is not in the static-shape engine yet")
+            else:  # fastv, pdrop, random: hard top-k among the kept tokens, in every mode
+                seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * valid
+                keep = ranked_decision(m, keep, q, k, seq_keep, vis_idx, last_weight, row_seed, pcfg)
             keep = jnp.where(has_image[:, None], keep, 0.0)
             keeps.append(keep)
             thetas.append(theta)

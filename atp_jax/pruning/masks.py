@@ -49,3 +49,14 @@ def key_bias(keep: Float[Array, "B T"], eps: float | None) -> Float[Array, "B 1 
         bias = jnp.log(keep + eps)
     t = keep.shape[1]
     return jnp.where(jnp.eye(t, dtype=bool)[None, None], 0.0, bias[:, None, None, :]).astype(jnp.float32)
+
+
+def keep_top(scores: Float[Array, "B P"], kept: Bool[Array, "B P"], k: int) -> Bool[Array, "B P"]:
+    """The `k` highest-scoring entries among each row's kept ones (all of them when fewer are kept);
+    ties go to the earlier token.
+
+    Example: scores [[0.1, 0.7, 0.3, 0.9]], kept [[1, 1, 1, 0]], k 2 -> [[0, 1, 1, 0]].
+    """
+    order = jnp.argsort(-jnp.where(kept, scores, -jnp.inf), axis=-1, stable=True)  # [B, P], best first
+    rank = jnp.argsort(order, axis=-1)  # rank of each entry
+    return kept & (rank < k)
