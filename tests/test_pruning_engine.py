@@ -216,3 +216,60 @@ def test_random_follows_its_schedule_and_is_batch_invariant(llava):
     assert len({tuple(np.flatnonzero(r)) for r in np.asarray(out.keep[:, 0])}) > 1  # rows draw differently
     one = model(ids[1:2], pixels[1:2])
     np.testing.assert_array_equal(one.keep[0], out.keep[1])
+
+
+@pytest.mark.parametrize("method", ["atp", "fastv", "pdrop", "random", "spatial"])
+def test_compact_picks_the_same_tokens_and_logits_as_masked(llava, method):
+    from atp_jax.pruning.compact import prefill_compact
+
+    extra = {"pdrop_layers": (1, 2, 3)} if method == "pdrop" else {}
+    model = pruned(llava, mode="masked", method=method, **extra)
+    ids, pixels = batch(4, seed=3)
+    masked, compact = model(ids, pixels), prefill_compact(model, ids, pixels)
+    np.testing.assert_array_equal(compact.keep, masked.keep)
+    np.testing.assert_array_equal(compact.visual_per_layer, masked.visual_per_layer)
+    source, valid = np.asarray(compact.source), np.asarray(compact.valid)
+    at_source = np.take_along_axis(np.asarray(masked.logits), source[..., None], axis=1)
+    text = valid & (source > CFG.num_image_tokens)  # the text after the image
+    assert text.sum(1).min() == 7  # random_inputs: BOS, 16 visual tokens, 7 text tokens
+    np.testing.assert_allclose(np.asarray(compact.logits)[text], at_source[text], atol=1e-4, rtol=0)
+    assert compact.lengths[-1] < ids.shape[1]  # tokens really removed
+
+
+def test_compact_keeps_original_positions_and_row_order(llava):
+    from atp_jax.pruning.compact import prefill_compact
+
+    model = pruned(llava, mode="masked")
+    ids, pixels = batch(2, seed=11)
+    out = prefill_compact(model, ids, pixels)
+    source, valid = np.asarray(out.source), np.asarray(out.valid)
+    for b in range(2):
+        kept = source[b][valid[b]]
+        assert (np.diff(kept) > 0).all()  # original order
+        n_visual = int(np.asarray(out.keep[b, -1]).sum())
+        assert len(kept) == 1 + n_visual + 7  # BOS, the surviving visual tokens, the text
+
+
+def test_compact_compiles_one_program_per_bucket(llava):
+    from atp_jax.pruning import compact
+
+    model = pruned(llava, mode="masked", method="fastv", fastv_layer=1, fastv_ratio=0.5)
+    compact.prefill_compact(model, *batch(2, seed=12))  # warm: one program per segment and bucket
+    before = dict(compact.TRACES)
+    for seed in range(13, 17):  # same shapes, other inputs: nothing new to compile
+        compact.prefill_compact(model, *batch(2, seed=seed))
+    assert compact.TRACES == before
+
+
+def test_compact_batch_equals_singles(llava):
+    from atp_jax.pruning.compact import prefill_compact
+
+    model = pruned(llava, mode="masked")
+    ids, pixels = batch(3, seed=5)
+    out = prefill_compact(model, ids, pixels)
+    for b in range(3):
+        one = prefill_compact(model, ids[b:b + 1], pixels[b:b + 1])
+        np.testing.assert_array_equal(one.keep[0], out.keep[b])
+        mine = np.asarray(out.logits[b])[np.asarray(out.valid[b])]
+        alone = np.asarray(one.logits[0])[np.asarray(one.valid[0])]
+        np.testing.assert_allclose(mine, alone, atol=1e-5, rtol=0)

@@ -84,38 +84,57 @@ def atp_decision(mlp: ThresholdMLP, q_vis, k_vis, q_all, text_weight: Float[Arra
     return new, jnp.stack([theta_r, theta_s], axis=-1)
 
 
-def spatial_decision(keep, sap: np.ndarray, pcfg: PruningConfig, soft: bool):
-    """SAP only, at the fixed threshold that keeps about `target_ratio` of the grid (the densest skeleton
-    that fits the budget)."""
-    budget = max(1, int(round(len(sap) * pcfg.target_ratio)))
-    levels = np.unique(sap)[::-1]  # score levels, best first; a level's patches are kept or dropped together
+def spatial_threshold(sap: np.ndarray, target_ratio: float) -> float:
+    """The SAP threshold of the densest skeleton that fits `target_ratio` of the grid (a score level's
+    patches are kept or dropped together)."""
+    budget = max(1, int(round(len(sap) * target_ratio)))
+    levels = np.unique(sap)[::-1]
     fits = [lv for lv in levels if (sap >= lv).sum() <= budget]
-    theta = (fits[-1] if fits else levels[0]) - 1e-6
-    m = jax.nn.sigmoid(pcfg.temperature * (sap - theta)) if soft else (sap > theta)
-    return keep * jnp.asarray(m, jnp.float32)[None]
+    return float((fits[-1] if fits else levels[0]) - 1e-6)
 
 
-def ranked_decision(m: int, keep: Float[Array, "B P"], q_all, k_all, seq_keep: Float[Array, "B T"],
-                    vis_idx: Int[Array, "B P"], last_weight: Float[Array, "B T"], row_seed: Int[Array, " B"],
-                    pcfg: PruningConfig) -> Float[Array, "B P"]:
+def ranked_decision(m: int, keep: Float[Array, "B P"], vis_id: Int[Array, "B P"], q_all, k_all,
+                    seq_keep: Float[Array, "B T"], vis_slot: Int[Array, "B P"], last_weight: Float[Array, "B T"],
+                    row_seed: Int[Array, " B"], num_visual: int, pcfg: PruningConfig) -> Float[Array, "B P"]:
     """The baselines: keep a fixed number of the kept visual tokens, ranked by the attention the prompt's last
     token pays them (FastV, PyramidDrop: softmax over every key it sees, head-averaged, visual columns) or at
-    random (same counts as a schedule)."""
+    random (same counts as a schedule). `vis_slot`: sequence slot of each visual entry; `vis_id`: its index
+    among the image's `num_visual` tokens."""
     kept = keep > 0.5
-    p = keep.shape[1]
     if pcfg.method == "fastv":
-        count = round((1 - pcfg.fastv_ratio) * p)
+        count = round((1 - pcfg.fastv_ratio) * num_visual)
     elif pcfg.method == "pdrop":
-        count = round(p * pcfg.pdrop_keep ** (m + 1))
+        count = round(num_visual * pcfg.pdrop_keep ** (m + 1))
     else:
-        count = round(p * pcfg.random_schedule[m])
+        count = round(num_visual * pcfg.random_schedule[m])
     if pcfg.method == "random":  # a key per instance, from its content: a batch draws what its rows draw alone
         base = jax.random.fold_in(jax.random.key(pcfg.seed), m)
-        scores = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(base, s), (p,)))(row_seed)
+        draws = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(base, s), (num_visual,)))(row_seed)
+        scores = jnp.take_along_axis(draws, vis_id, axis=1)
     else:
         received = attention_received(q_all, k_all, jnp.where(seq_keep > 0.5, 0.0, NEG_INF), last_weight)  # [B, T]
-        scores = jnp.take_along_axis(received, vis_idx, axis=1)
+        scores = jnp.take_along_axis(received, vis_slot, axis=1)
     return keep_top(scores, kept, count).astype(jnp.float32)
+
+
+def decide(model: PrunedLlava, m: int, keep, vis_slot, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
+           soft: bool):
+    """Module `m`'s new keep weights for the visual entries at `vis_slot` (ids `vis_id`) of the current frame,
+    and its thresholds. The same code serves the full frame (masked, soft) and compacted ones."""
+    pcfg, cfg = model.pcfg, model.llava.config
+    sap_np = sap_for(cfg, pcfg)
+    sap = jnp.asarray(sap_np)[vis_id]  # [B, P']
+    theta = jnp.zeros((keep.shape[0], 2))
+    if pcfg.method == "atp":
+        keep, theta = atp_decision(model.thresholds[m], gather_tokens(q, vis_slot), gather_tokens(k, vis_slot), q,
+                                   text_weight, keep, sap, pcfg, soft)
+    elif pcfg.method == "spatial":
+        gap = sap - spatial_threshold(sap_np, pcfg.target_ratio)
+        keep = keep * (jax.nn.sigmoid(pcfg.temperature * gap) if soft else (gap > 0))
+    else:  # fastv, pdrop, random: hard top-k among the kept tokens, in every mode
+        keep = ranked_decision(m, keep, vis_id, q, k, seq_keep, vis_slot, last_weight, row_seed,
+                               cfg.num_image_tokens, pcfg)
+    return keep, theta
 
 
 class PrunedLlava(nnx.Module):
@@ -151,8 +170,7 @@ class PrunedLlava(nnx.Module):
         row_seed = (ids * (2 * row_seed + 1)).sum(axis=1) % (2**31 - 1)  # [B]
         positions = positions_from_mask(attention_mask, b, t)
         pad = padding_bias(attention_mask)
-        sap_np = sap_for(cfg, pcfg)
-        sap = jnp.broadcast_to(jnp.asarray(sap_np), (b, p))
+        vis_id = jnp.broadcast_to(jnp.arange(p), (b, p))  # the full frame holds every visual token, in order
         keep = jnp.ones((b, p), jnp.float32)
         keeps, thetas = [], []
         start = 0
@@ -164,15 +182,9 @@ class PrunedLlava(nnx.Module):
                 h = lm.run_layers(h, positions, bias, start, stop)
                 break
             h, (q, k) = lm.run_layers(h, positions, bias, start, stop, return_last_qk=True)
-            theta = jnp.zeros((b, 2))
-            if pcfg.method == "atp":
-                keep, theta = atp_decision(self.thresholds[m], gather_tokens(q, vis_idx), gather_tokens(k, vis_idx),
-                                           q, text_weight, keep, sap, pcfg, soft)
-            elif pcfg.method == "spatial":
-                keep = spatial_decision(keep, sap_np, pcfg, soft)
-            else:  # fastv, pdrop, random: hard top-k among the kept tokens, in every mode
-                seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * valid
-                keep = ranked_decision(m, keep, q, k, seq_keep, vis_idx, last_weight, row_seed, pcfg)
+            seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * valid
+            keep, theta = decide(self, m, keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
+                                 soft)
             keep = jnp.where(has_image[:, None], keep, 0.0)
             keeps.append(keep)
             thetas.append(theta)

@@ -1,0 +1,129 @@
+"""`compact` mode: after each pruning module the kept tokens are gathered into a shorter sequence.
+
+Each segment of layers runs as one jitted program on a sequence whose length is rounded up to a bucket
+(`PruningConfig.bucket_fractions` of the prompt length), so a prefill compiles at most one program per
+(segment, bucket) and the layers after a module really process fewer tokens. Rows keep their own token
+sets, padded to the batch maximum and masked. Every token carries its original sequence index and its
+original RoPE position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from atp_jax.models.llama import padding_bias, positions_from_mask
+from atp_jax.pruning.accounting import visual_tokens_per_layer
+from atp_jax.pruning.compaction import bucket_length, compaction_index, gather_tokens
+from atp_jax.pruning.engine import PrunedLlava, decide
+from atp_jax.pruning.scoring import visual_positions
+
+TRACES = {"segment": 0, "compact": 0}  # programs traced, for tests that count compilations
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Frame:
+    """The tokens of a (possibly compacted) sequence, one entry per slot."""
+
+    h: Float[Array, "B T D"]
+    positions: Int[Array, "B T"]  # RoPE positions (original unless position_mode is contiguous)
+    valid: Bool[Array, "B T"]  # a real token (not padding)
+    vis_id: Int[Array, "B T"]  # index among the image's visual tokens, -1 for text
+    source: Int[Array, "B T"]  # index in the original sequence
+    text_weight: Float[Array, "B T"]  # text after the image (ATP's cross-attention queries)
+    last_weight: Float[Array, "B T"]  # the prompt's last token
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CompactOutput:
+    logits: Float[Array, "B S V"]  # at the final frame's slots
+    source: Int[Array, "B S"]  # original sequence index of each slot
+    valid: Bool[Array, "B S"]
+    keep: Float[Array, "B M P"]  # visual tokens kept after each module, original visual order
+    counts: Float[Array, "B M"]
+    visual_per_layer: Float[Array, "B L"]
+    lengths: tuple[int, ...] = dataclasses.field(metadata={"static": True}, default=())  # sequence length per segment
+
+
+@nnx.jit(static_argnames=("start", "stop", "m"))
+def _segment(model: PrunedLlava, frame: Frame, row_seed, start: int, stop: int, m: int | None):
+    """Layers start..stop-1 on the frame; with a module, also its decision: (frame, seq_keep, keep, vis_id)."""
+    TRACES["segment"] += 1
+    lm = model.llava.language_model
+    bias = padding_bias(frame.valid)
+    if m is None:
+        return dataclasses.replace(frame, h=lm.run_layers(frame.h, frame.positions, bias, start, stop)), None
+    h, (q, k) = lm.run_layers(frame.h, frame.positions, bias, start, stop, return_last_qk=True)
+    is_visual = (frame.vis_id >= 0) & frame.valid
+    p = min(model.llava.config.num_image_tokens, frame.vis_id.shape[1])
+    vis_slot = visual_positions(is_visual, p)  # [B, P']
+    slot_valid = jnp.take_along_axis(is_visual, vis_slot, axis=1)
+    vis_id = jnp.where(slot_valid, jnp.take_along_axis(frame.vis_id, vis_slot, axis=1), 0)
+    seq_keep = frame.valid.astype(jnp.float32)
+    keep, _ = decide(model, m, slot_valid.astype(jnp.float32), vis_slot, vis_id, q, k, seq_keep,
+                     frame.text_weight, frame.last_weight, row_seed, soft=False)
+    rows = jnp.arange(keep.shape[0])[:, None]
+    dropped = slot_valid & (keep < 0.5)
+    seq_keep = frame.valid.at[rows, vis_slot].set(jnp.where(dropped, False, jnp.take_along_axis(frame.valid, vis_slot,
+                                                                                                   axis=1)))
+    return dataclasses.replace(frame, h=h), (seq_keep, keep * slot_valid, jnp.where(slot_valid, vis_id, -1))
+
+
+@nnx.jit(static_argnames=("length", "contiguous"))
+def _compact(frame: Frame, seq_keep, length: int, contiguous: bool) -> Frame:
+    TRACES["compact"] += 1
+    index, valid = compaction_index(seq_keep, length)
+    out = jax.tree.map(lambda x: gather_tokens(x, index), frame)
+    out = dataclasses.replace(out, valid=valid, vis_id=jnp.where(valid, out.vis_id, -1))
+    if contiguous:
+        out = dataclasses.replace(out, positions=positions_from_mask(valid, *valid.shape))
+    return out
+
+
+def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=None) -> CompactOutput:
+    """A prefill that removes pruned tokens (and so their compute and KV cache) after every module."""
+    llava, pcfg = model.llava, model.pcfg
+    cfg = llava.config
+    b, t = input_ids.shape
+    p, n_layers = cfg.num_image_tokens, cfg.text.num_hidden_layers
+    h, _, image_mask = llava.embed(input_ids, pixel_values)
+    valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    has_image = image_mask.any(axis=1)
+    vis_id = jnp.where(image_mask, jnp.cumsum(image_mask, axis=1) - 1, -1)
+    last_visual = jnp.max(jnp.where(image_mask, jnp.arange(t), -1), axis=1)
+    last_valid = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)
+    frame = Frame(h=h, positions=positions_from_mask(attention_mask, b, t), valid=valid, vis_id=vis_id,
+                  source=jnp.broadcast_to(jnp.arange(t), (b, t)),
+                  text_weight=((jnp.arange(t)[None] > last_visual[:, None]) & valid & has_image[:, None]
+                               ).astype(jnp.float32),
+                  last_weight=(jnp.arange(t)[None] == last_valid[:, None]).astype(jnp.float32))
+    ids = jnp.where(valid, input_ids, 0)
+    row_seed = (ids * (2 * jnp.cumsum(valid, axis=1) + 1)).sum(axis=1) % (2**31 - 1)  # as the masked engine
+    modules = model.module_layers if pixel_values is not None else ()
+    keeps, lengths, start = [], [t], 0
+    for m, layer in enumerate(modules + (None,)):
+        stop = n_layers if layer is None else layer + 1
+        frame, decision = _segment(model, frame, row_seed, start=start, stop=stop, m=None if layer is None else m)
+        if decision is None:
+            break
+        seq_keep, keep_slots, ids_slots = decision
+        rows = jnp.arange(b)[:, None]
+        keep = jnp.zeros((b, p)).at[rows, jnp.where(ids_slots >= 0, ids_slots, p)].set(keep_slots, mode="drop")
+        keeps.append(keep)
+        length = bucket_length(int(np.asarray(seq_keep.sum(axis=1)).max()), t, pcfg.bucket_fractions)
+        frame = _compact(frame, seq_keep, length=length, contiguous=pcfg.position_mode == "contiguous")
+        lengths.append(length)
+        start = stop
+    logits = llava.language_model.head(frame.h).astype(jnp.float32)
+    keep_all = jnp.stack(keeps, axis=1) if keeps else jnp.zeros((b, len(model.module_layers), p))
+    counts = keep_all.sum(-1)
+    per_layer = visual_tokens_per_layer(counts, modules, n_layers, has_image.astype(jnp.float32) * p)
+    return CompactOutput(logits=logits, source=frame.source, valid=frame.valid, keep=keep_all, counts=counts,
+                         visual_per_layer=per_layer, lengths=tuple(lengths))
