@@ -273,3 +273,19 @@ def test_compact_batch_equals_singles(llava):
         mine = np.asarray(out.logits[b])[np.asarray(out.valid[b])]
         alone = np.asarray(one.logits[0])[np.asarray(one.valid[0])]
         np.testing.assert_allclose(mine, alone, atol=1e-5, rtol=0)
+
+
+def test_compact_edge_cases_without_nans(llava):
+    from atp_jax.pruning.compact import prefill_compact
+
+    nothing = pruned(llava, mode="masked")
+    set_thresholds(nothing, 1 - 1e-6, 1 - 1e-6)  # every visual token dropped at the first module
+    ids, pixels = batch(2)
+    out = prefill_compact(nothing, ids, pixels)
+    np.testing.assert_array_equal(out.counts, 0)
+    assert np.isfinite(np.asarray(out.logits)).all() and out.lengths[-1] < ids.shape[1]
+    text_only = jnp.asarray([[1, 5, 6, 7, 8]])
+    plain = prefill_compact(pruned(llava, mode="masked"), text_only, None)
+    np.testing.assert_allclose(plain.logits, forward(llava, text_only).logits, atol=1e-5)
+    image_last = ids[:, : 1 + CFG.num_image_tokens]
+    assert np.isfinite(np.asarray(prefill_compact(pruned(llava, mode="masked"), image_last, pixels).logits)).all()

@@ -94,7 +94,7 @@ def _check_image_tokens(input_ids, image_mask, per_image: int, num_images: int) 
     """One image per row; with concrete inputs, each row holds exactly one image's worth of image tokens, or none."""
     if input_ids.shape[0] != num_images:
         raise ValueError(f"pixel_values holds {num_images} images for a batch of {input_ids.shape[0]} rows")
-    if isinstance(input_ids, jax.core.Tracer):
+    if isinstance(image_mask, jax.core.Tracer):
         return
     counts = np.asarray(image_mask).sum(axis=1)
     bad = [i for i, c in enumerate(counts) if c not in (0, per_image)]

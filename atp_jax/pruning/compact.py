@@ -10,6 +10,7 @@ original RoPE position.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +53,11 @@ class CompactOutput:
     lengths: tuple[int, ...] = dataclasses.field(metadata={"static": True}, default=())  # sequence length per segment
 
 
-@nnx.jit(static_argnames=("start", "stop", "m"))
-def _segment(model: PrunedLlava, frame: Frame, row_seed, start: int, stop: int, m: int | None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "start", "stop", "m"))
+def _segment(graphdef, state, frame: Frame, row_seed, start: int, stop: int, m: int | None):
     """Layers start..stop-1 on the frame; with a module, also its decision: (frame, seq_keep, keep, vis_id)."""
     TRACES["segment"] += 1
+    model = nnx.merge(graphdef, state)
     lm = model.llava.language_model
     bias = padding_bias(frame.valid)
     if m is None:
@@ -76,7 +78,7 @@ def _segment(model: PrunedLlava, frame: Frame, row_seed, start: int, stop: int, 
     return dataclasses.replace(frame, h=h), (seq_keep, keep * slot_valid, jnp.where(slot_valid, vis_id, -1))
 
 
-@nnx.jit(static_argnames=("length", "contiguous"))
+@functools.partial(jax.jit, static_argnames=("length", "contiguous"))
 def _compact(frame: Frame, seq_keep, length: int, contiguous: bool) -> Frame:
     TRACES["compact"] += 1
     index, valid = compaction_index(seq_keep, length)
@@ -87,30 +89,56 @@ def _compact(frame: Frame, seq_keep, length: int, contiguous: bool) -> Frame:
     return out
 
 
-def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=None) -> CompactOutput:
-    """A prefill that removes pruned tokens (and so their compute and KV cache) after every module."""
-    llava, pcfg = model.llava, model.pcfg
-    cfg = llava.config
+@functools.partial(jax.jit, static_argnames=("graphdef", "last_only"))
+def _head(graphdef, state, frame: Frame, last_only: bool):
+    model = nnx.merge(graphdef, state)
+    h = frame.h
+    if last_only:
+        h = gather_tokens(h, jnp.argmax(frame.last_weight, axis=1)[:, None])  # [B, 1, D]
+    return model.llava.language_model.head(h).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _initial_frame(graphdef, state, input_ids, pixel_values, attention_mask):
+    """Embeddings with the image merged in, and every token's bookkeeping, in the original order."""
+    model = nnx.merge(graphdef, state)
     b, t = input_ids.shape
-    p, n_layers = cfg.num_image_tokens, cfg.text.num_hidden_layers
-    h, _, image_mask = llava.embed(input_ids, pixel_values)
-    valid = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    h, _, image_mask = model.llava.embed(input_ids, pixel_values)
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     has_image = image_mask.any(axis=1)
-    vis_id = jnp.where(image_mask, jnp.cumsum(image_mask, axis=1) - 1, -1)
     last_visual = jnp.max(jnp.where(image_mask, jnp.arange(t), -1), axis=1)
     last_valid = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)
-    frame = Frame(h=h, positions=positions_from_mask(attention_mask, b, t), valid=valid, vis_id=vis_id,
+    frame = Frame(h=h, positions=positions_from_mask(attention_mask, b, t), valid=valid,
+                  vis_id=jnp.where(image_mask, jnp.cumsum(image_mask, axis=1) - 1, -1),
                   source=jnp.broadcast_to(jnp.arange(t), (b, t)),
                   text_weight=((jnp.arange(t)[None] > last_visual[:, None]) & valid & has_image[:, None]
                                ).astype(jnp.float32),
                   last_weight=(jnp.arange(t)[None] == last_valid[:, None]).astype(jnp.float32))
     ids = jnp.where(valid, input_ids, 0)
     row_seed = (ids * (2 * jnp.cumsum(valid, axis=1) + 1)).sum(axis=1) % (2**31 - 1)  # as the masked engine
+    return frame, row_seed, has_image
+
+
+def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=None,
+                    last_logits_only: bool = False) -> CompactOutput:
+    """A prefill that removes pruned tokens (and so their compute and KV cache) after every module.
+
+    `last_logits_only`: logits of the prompt's last token only (what generation needs), `[B, 1, V]`.
+    """
+    llava, pcfg = model.llava, model.pcfg
+    cfg = llava.config
+    b, t = input_ids.shape
+    p, n_layers = cfg.num_image_tokens, cfg.text.num_hidden_layers
+    # Split once: the jitted stages take the state as a pytree (an nnx.jit per stage would walk the model
+    # graph on every call, a large share of a small prefill).
+    graphdef, state = nnx.split(model)
+    frame, row_seed, has_image = _initial_frame(graphdef, state, input_ids, pixel_values, attention_mask)
     modules = model.module_layers if pixel_values is not None else ()
     keeps, lengths, start = [], [t], 0
     for m, layer in enumerate(modules + (None,)):
         stop = n_layers if layer is None else layer + 1
-        frame, decision = _segment(model, frame, row_seed, start=start, stop=stop, m=None if layer is None else m)
+        frame, decision = _segment(graphdef, state, frame, row_seed, start=start, stop=stop,
+                                   m=None if layer is None else m)
         if decision is None:
             break
         seq_keep, keep_slots, ids_slots = decision
@@ -121,7 +149,7 @@ def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=
         frame = _compact(frame, seq_keep, length=length, contiguous=pcfg.position_mode == "contiguous")
         lengths.append(length)
         start = stop
-    logits = llava.language_model.head(frame.h).astype(jnp.float32)
+    logits = _head(graphdef, state, frame, last_only=last_logits_only)
     keep_all = jnp.stack(keeps, axis=1) if keeps else jnp.zeros((b, len(model.module_layers), p))
     counts = keep_all.sum(-1)
     per_layer = visual_tokens_per_layer(counts, modules, n_layers, has_image.astype(jnp.float32) * p)

@@ -1,0 +1,150 @@
+"""Pruned prefill: unpruned vs ATP `compact` (~25% average visual tokens) vs FastV at the same budget.
+
+  python benchmarks/prefill.py [--runs 5] [--batch 1]
+
+Per method: the analytic FLOPs ratio, the measured prefill time ratio (interleaved runs, compile excluded)
+and the realised fraction (1 - time_ratio) / (1 - flops_ratio) (target >= 0.85); then the step-time
+overhead of ATP `soft` mode over the plain model in a training step (target <= 10%). Thresholds are
+untrained: every module's thresholds are set so the measured average is near the budget. The last line
+printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from atp_jax import LlavaForConditionalGeneration  # noqa: E402
+from atp_jax.pruning.accounting import flops_ratio  # noqa: E402
+from atp_jax.pruning.compact import prefill_compact  # noqa: E402
+from atp_jax.pruning.config import PruningConfig  # noqa: E402
+from atp_jax.pruning.engine import PrunedLlava  # noqa: E402
+from atp_jax.testing.reference import random_inputs  # noqa: E402
+from benchmarks.common import SEED, TEXT_TOKENS, bench_config, emit, interleaved, print_table  # noqa: E402
+
+BUDGET = 0.25
+ATP_LAYERS = (1, 3, 5)  # DESIGN.md section 8: 4/14/24 of 32 scaled to 8 layers
+
+
+def set_unit_thresholds(model: PrunedLlava, unit_r: float, unit_s: float) -> None:
+    for mlp in model.thresholds:
+        mlp.head.kernel[...] = jnp.zeros_like(mlp.head.kernel[...])
+        mlp.head.bias[...] = jnp.array([np.log(unit_r / (1 - unit_r)), np.log(unit_s / (1 - unit_s))])
+
+
+def calibrate_atp(llava, ids, pixels) -> PrunedLlava:
+    """Bisect the redundancy threshold (SAP threshold at its initial value) for ~25% average visual tokens."""
+    model = PrunedLlava(llava, PruningConfig(mode="masked", atp_layers=ATP_LAYERS, target_ratio=BUDGET),
+                        rngs=nnx.Rngs(SEED))
+    p = llava.config.num_image_tokens
+    average = nnx.jit(lambda m: m(ids, pixels).visual_per_layer.mean())
+    lo, hi = 1e-3, 1 - 1e-3
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        set_unit_thresholds(model, mid, 0.95)
+        avg = float(average(model))
+        lo, hi = (mid, hi) if avg > BUDGET * p else (lo, mid)
+    set_unit_thresholds(model, (lo + hi) / 2, 0.95)
+    return model
+
+
+def fastv_at(llava, avg_visual: float) -> PrunedLlava:
+    """FastV with the same average visual tokens over all layers: prune after layer K-1 to x of P."""
+    n, p = llava.config.text.num_hidden_layers, llava.config.num_image_tokens
+    for k in (2, 1):
+        x = (n * avg_visual / p - k) / (n - k)
+        if x > 0:
+            break
+    pcfg = PruningConfig(method="fastv", mode="masked", fastv_layer=k, fastv_ratio=float(1 - max(x, 1 / p)))
+    return PrunedLlava(llava, pcfg, rngs=nnx.Rngs(SEED))
+
+
+def soft_overhead(llava, ids, pixels, runs: int) -> dict:
+    """Train-step time (loss, grads, AdamW update) of ATP soft mode over the plain model."""
+    labels = jnp.asarray(ids)[:, 1:]
+    pruned = PrunedLlava(llava, PruningConfig(mode="soft", atp_layers=ATP_LAYERS), rngs=nnx.Rngs(SEED))
+
+    def lm_loss(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], labels).mean()
+
+    def plain_loss(m):
+        return lm_loss(m(ids, pixels).logits)
+
+    def soft_loss(m):
+        out = m(ids, pixels)
+        parts = m.losses(out)
+        return lm_loss(out.logits) + parts["atp"] + parts["target"]
+
+    steps = {}
+    for name, model, loss in (("plain", llava, plain_loss), ("soft", pruned, soft_loss)):
+        opt = nnx.Optimizer(model, optax.adamw(1e-5), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt, loss=loss):
+            value, grads = nnx.value_and_grad(loss)(model)
+            opt.update(model, grads)
+            return value
+
+        step(model, opt).block_until_ready()
+        steps[name] = (lambda model=model, opt=opt, step=step: step(model, opt).block_until_ready())
+    t = interleaved(steps, runs)
+    return {"plain_step_s": t["plain"], "soft_step_s": t["soft"], "soft_overhead": t["soft"] / t["plain"] - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    cfg = bench_config()
+    print(f"cpu_count={os.cpu_count()} backend={jax.default_backend()}; prompt: 576 visual + {TEXT_TOKENS} text tokens,"
+          f" batch {args.batch}; ATP modules after layers {ATP_LAYERS}")
+    llava = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(SEED))
+    ids, pixels = (jnp.asarray(x) for x in random_inputs(cfg, args.batch, TEXT_TOKENS, seed=SEED))
+    atp = calibrate_atp(llava, ids, pixels)
+    atp_avg = float(np.asarray(atp(ids, pixels).visual_per_layer).mean())
+    methods = {"unpruned": PrunedLlava(llava, PruningConfig(method="none", mode="masked"), rngs=nnx.Rngs(SEED)),
+               "atp": atp, "fastv": fastv_at(llava, atp_avg)}
+    runs, rows, figures = {}, [], {}
+    for name, model in methods.items():
+        start = time.perf_counter()
+        out = prefill_compact(model, ids, pixels, last_logits_only=True)
+        jax.block_until_ready(out.logits)
+        figures[name] = {"first_call_s": time.perf_counter() - start, "lengths": out.lengths,
+                         "avg_visual_tokens": float(np.asarray(out.visual_per_layer).mean()),
+                         "flops_ratio": flops_ratio(cfg, np.asarray(out.visual_per_layer).mean(0), TEXT_TOKENS)}
+        runs[name] = (lambda model=model: jax.block_until_ready(
+            prefill_compact(model, ids, pixels, last_logits_only=True).logits))
+    times = interleaved(runs, args.runs)
+    for name, f in figures.items():
+        f["time_s"] = times[name]
+        f["time_ratio"] = times[name] / times["unpruned"]
+        f["realised_fraction"] = ((1 - f["time_ratio"]) / (1 - f["flops_ratio"])) if f["flops_ratio"] < 1 else None
+        rows.append([name, f"{f['avg_visual_tokens']:.1f}", f"{f['flops_ratio']:.3f}", f"{f['time_s'] * 1e3:.1f}",
+                     f"{f['time_ratio']:.3f}", "-" if f["realised_fraction"] is None else
+                     f"{f['realised_fraction']:.2f}", " ".join(map(str, f["lengths"]))])
+    print_table(f"compact prefill, median of {args.runs} (target realised fraction >= 0.85)",
+                ["method", "avg visual", "FLOPs ratio", "ms", "time ratio", "realised", "segment lengths"], rows)
+    overhead = soft_overhead(llava, ids, pixels, args.runs)
+    print(f"\ntrain step: plain {overhead['plain_step_s'] * 1e3:.0f} ms, "
+          f"ATP soft {overhead['soft_step_s'] * 1e3:.0f} ms -> overhead {overhead['soft_overhead'] * 100:.1f}% "
+          "(target <= 10%)")
+    emit({"flops_ratio": figures["atp"]["flops_ratio"], "time_ratio": figures["atp"]["time_ratio"],
+          "realised_fraction": figures["atp"]["realised_fraction"],
+          "avg_visual_tokens": figures["atp"]["avg_visual_tokens"],
+          "soft_overhead": overhead["soft_overhead"], "methods": figures, "train_step": overhead})
+
+
+if __name__ == "__main__":
+    main()
