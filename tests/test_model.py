@@ -146,5 +146,5 @@ def test_every_parameter_names_its_logical_axes():
     """Sharding rules map these names to mesh axes; stacked layers add one leading, unnamed axis."""
     model = abstract_model(LlavaConfig.tiny(), DtypePolicy())
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        axes, ndim = var.get_metadata()["logical_axes"], len(var.value.shape)
+        axes, ndim = var.get_metadata()["logical_axes"], len(var.get_value().shape)
         assert len(axes) == (ndim - 1 if "layers" in path else ndim), (path, axes)
