@@ -21,7 +21,7 @@ from jaxtyping import Array, Bool, Float, Int
 from atp_jax.models.llama import padding_bias, positions_from_mask
 from atp_jax.pruning.accounting import visual_tokens_per_layer
 from atp_jax.pruning.compaction import bucket_length, compaction_index, gather_tokens
-from atp_jax.pruning.engine import PrunedLlava, decide
+from atp_jax.pruning.engine import PrunedLlava, decide, token_roles
 from atp_jax.pruning.scoring import visual_positions
 
 TRACES = {"segment": 0, "compact": 0}  # programs traced, for tests that count compilations
@@ -106,16 +106,10 @@ def _initial_frame(graphdef, state, input_ids, pixel_values, attention_mask):
     h, _, image_mask = model.llava.embed(input_ids, pixel_values)
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     has_image = image_mask.any(axis=1)
-    last_visual = jnp.max(jnp.where(image_mask, jnp.arange(t), -1), axis=1)
-    last_valid = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)
+    text_weight, last_weight, row_seed = token_roles(input_ids, image_mask, valid, has_image)
     frame = Frame(h=h, positions=positions_from_mask(attention_mask, b, t), valid=valid,
                   vis_id=jnp.where(image_mask, jnp.cumsum(image_mask, axis=1) - 1, -1),
-                  source=jnp.broadcast_to(jnp.arange(t), (b, t)),
-                  text_weight=((jnp.arange(t)[None] > last_visual[:, None]) & valid & has_image[:, None]
-                               ).astype(jnp.float32),
-                  last_weight=(jnp.arange(t)[None] == last_valid[:, None]).astype(jnp.float32))
-    ids = jnp.where(valid, input_ids, 0)
-    row_seed = (ids * (2 * jnp.cumsum(valid, axis=1) + 1)).sum(axis=1) % (2**31 - 1)  # as the masked engine
+                  source=jnp.broadcast_to(jnp.arange(t), (b, t)), text_weight=text_weight, last_weight=last_weight)
     return frame, row_seed, has_image
 
 

@@ -38,6 +38,21 @@ class PrunedOutput:
     has_image: Bool[Array, " B"]
 
 
+def token_roles(input_ids: Int[Array, "B T"], image_mask: Bool[Array, "B T"], valid: Bool[Array, "B T"],
+                has_image: Bool[Array, " B"]):
+    """Which tokens query the side paths, and a per-instance seed: (text_weight [B, T]: the text after the image,
+    ATP's cross-attention queries; last_weight [B, T]: the prompt's last token, FastV/PyramidDrop's query;
+    row_seed [B]: a hash of the row's real tokens, so random choices do not depend on batch or padding)."""
+    t = input_ids.shape[1]
+    last_visual = jnp.max(jnp.where(image_mask, jnp.arange(t), -1), axis=1)  # [B]
+    text_weight = ((jnp.arange(t)[None] > last_visual[:, None]) & valid & has_image[:, None]).astype(jnp.float32)
+    last_valid = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)
+    last_weight = (jnp.arange(t)[None] == last_valid[:, None]).astype(jnp.float32)
+    ids = jnp.where(valid, input_ids, 0)
+    row_seed = (ids * (2 * jnp.cumsum(valid, axis=1) + 1)).sum(axis=1) % (2**31 - 1)
+    return text_weight, last_weight, row_seed
+
+
 def module_layers(pcfg: PruningConfig) -> tuple[int, ...]:
     """The decoder layers after which a pruning module runs."""
     if pcfg.method in ("atp", "spatial", "random"):
@@ -161,13 +176,7 @@ class PrunedLlava(nnx.Module):
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         has_image = image_mask.any(axis=1) & (pixel_values is not None)
         vis_idx = visual_positions(image_mask, p)  # [B, P]
-        last_visual = jnp.max(jnp.where(image_mask, jnp.arange(t), -1), axis=1)  # [B]
-        text_weight = ((jnp.arange(t)[None] > last_visual[:, None]) & valid & has_image[:, None]).astype(jnp.float32)
-        last_valid = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)  # the prompt's last token
-        last_weight = (jnp.arange(t)[None] == last_valid[:, None]).astype(jnp.float32)  # [B, T]
-        ids = jnp.where(valid, input_ids, 0)
-        row_seed = jnp.cumsum(jnp.where(valid, 1, 0), axis=1)  # content hash that ignores padding
-        row_seed = (ids * (2 * row_seed + 1)).sum(axis=1) % (2**31 - 1)  # [B]
+        text_weight, last_weight, row_seed = token_roles(input_ids, image_mask, valid, has_image)
         positions = positions_from_mask(attention_mask, b, t)
         pad = padding_bias(attention_mask)
         vis_id = jnp.broadcast_to(jnp.arange(p), (b, p))  # the full frame holds every visual token, in order
