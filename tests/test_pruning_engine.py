@@ -1,6 +1,7 @@
 """The pruning engine inside LLaVA: soft and masked modes, their invariants, and edge cases."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -218,6 +219,24 @@ def test_random_follows_its_schedule_and_is_batch_invariant(llava):
     np.testing.assert_array_equal(one.keep[0], out.keep[1])
 
 
+def test_random_at_another_methods_per_instance_counts(llava):
+    from atp_jax.pruning.compact import prefill_compact
+
+    atp = pruned(llava, mode="masked")
+    set_thresholds(atp, 0.5, 0.6)
+    ids, pixels = batch(4, seed=5)
+    atp_counts = atp(ids, pixels).counts
+    assert len({tuple(r) for r in np.asarray(atp_counts)}) > 1  # the rows differ, so the check means something
+    rand = pruned(llava, method="random")
+    masked, compact = rand(ids, pixels, counts=atp_counts), prefill_compact(rand, ids, pixels, counts=atp_counts)
+    np.testing.assert_array_equal(masked.counts, atp_counts)
+    np.testing.assert_array_equal(compact.keep, masked.keep)
+    with pytest.raises(ValueError, match="shape"):
+        rand(ids, pixels, counts=atp_counts[:, :2])
+    with pytest.raises(ValueError, match="ranked baselines"):
+        atp(ids, pixels, counts=atp_counts)
+
+
 @pytest.mark.parametrize("method", ["atp", "fastv", "pdrop", "random", "spatial"])
 def test_compact_picks_the_same_tokens_and_logits_as_masked(llava, method):
     from atp_jax.pruning.compact import prefill_compact
@@ -250,15 +269,22 @@ def test_compact_keeps_original_positions_and_row_order(llava):
         assert len(kept) == 1 + n_visual + 7  # BOS, the surviving visual tokens, the text
 
 
-def test_compact_compiles_one_program_per_bucket(llava):
+def test_compact_compiles_at_most_one_program_per_segment_and_bucket(llava):
     from atp_jax.pruning import compact
 
-    model = pruned(llava, mode="masked", method="fastv", fastv_layer=1, fastv_ratio=0.5)
-    compact.prefill_compact(model, *batch(2, seed=12))  # warm: one program per segment and bucket
-    before = dict(compact.TRACES)
-    for seed in range(13, 17):  # same shapes, other inputs: nothing new to compile
-        compact.prefill_compact(model, *batch(2, seed=seed))
-    assert compact.TRACES == before
+    model = pruned(llava, mode="masked")
+    before, used = dict(compact.TRACES), set()
+    for seed, unit_r in itertools.product(range(2), (0.2, 0.5, 0.8)):  # varied kept counts, so varied buckets
+        set_thresholds(model, unit_r, 0.7)
+        out = compact.prefill_compact(model, *batch(2, seed=20 + seed))
+        used |= {(m, length, out.lengths[m - 1] if m else None) for m, length in enumerate(out.lengths)}
+    assert len({length for _, length, _ in used}) > 2  # several buckets were really exercised
+    assert compact.TRACES["segment"] - before["segment"] <= len({(m, length) for m, length, _ in used})
+    assert compact.TRACES["compact"] - before["compact"] <= len({(prev, length) for m, length, prev in used if m})
+    warm = dict(compact.TRACES)
+    for seed in range(2, 4):  # same thresholds and shapes, other inputs: nothing new to compile
+        compact.prefill_compact(model, *batch(2, seed=20 + seed))
+    assert compact.TRACES == warm
 
 
 def test_compact_batch_equals_singles(llava):

@@ -92,11 +92,11 @@ def test_scatter_to_sequence_and_key_bias():
     values = jnp.array([[5.0, 6.0], [7.0, 8.0]])
     out = scatter_to_sequence(values, jnp.array([[1, 2], [0, 1]]), jnp.array([True, False]), 4, 0.0)
     np.testing.assert_array_equal(out, [[0, 5, 6, 0], [0, 0, 0, 0]])
-    hard = key_bias(jnp.array([[1.0, 0.0, 1.0]]), None)[0, 0]
-    ninf = np.float32(NEG_INF)
-    np.testing.assert_array_equal(hard, np.array([[0, ninf, 0], [0, 0, 0], [0, ninf, 0]], np.float32))
-    soft = key_bias(jnp.array([[1.0, 0.5]]), 1e-6)[0, 0]
-    np.testing.assert_allclose(soft, [[0, np.log(0.5 + 1e-6)], [np.log(1 + 1e-6), 0]], atol=1e-6)
+    hard = key_bias(jnp.array([[1.0, 0.0, 1.0]]), None)
+    assert hard.shape == (1, 1, 1, 3)  # broadcast over heads and queries
+    np.testing.assert_array_equal(hard[0, 0, 0], np.array([0, NEG_INF, 0], np.float32))
+    soft = key_bias(jnp.array([[1.0, 0.5]]), 1e-6)[0, 0, 0]
+    np.testing.assert_allclose(soft, [np.log(1 + 1e-6), np.log(0.5 + 1e-6)], atol=1e-6)
 
 
 def test_compaction():
@@ -169,3 +169,5 @@ def test_keep_top_literal():
     out = keep_top(jnp.array([[0.1, 0.7, 0.3, 0.9]]), jnp.array([[1, 1, 1, 0]], bool), 2)
     np.testing.assert_array_equal(out, [[0, 1, 1, 0]])
     np.testing.assert_array_equal(keep_top(jnp.ones((1, 3)), jnp.array([[1, 0, 1]], bool), 5), [[1, 0, 1]])
+    per_row = keep_top(jnp.array([[0.1, 0.7, 0.3], [0.5, 0.2, 0.9]]), jnp.ones((2, 3), bool), jnp.array([1, 2]))
+    np.testing.assert_array_equal(per_row, [[0, 1, 0], [1, 0, 1]])

@@ -21,7 +21,7 @@ from jaxtyping import Array, Bool, Float, Int
 from atp_jax.models.llama import padding_bias, positions_from_mask
 from atp_jax.pruning.accounting import visual_tokens_per_layer
 from atp_jax.pruning.compaction import bucket_length, compaction_index, gather_tokens
-from atp_jax.pruning.engine import PrunedLlava, decide, token_roles
+from atp_jax.pruning.engine import PrunedLlava, check_counts, decide, token_roles
 from atp_jax.pruning.scoring import visual_positions
 
 TRACES = {"segment": 0, "compact": 0}  # programs traced, for tests that count compilations
@@ -53,8 +53,8 @@ class CompactOutput:
     lengths: tuple[int, ...] = dataclasses.field(metadata={"static": True}, default=())  # sequence length per segment
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "start", "stop", "m"))
-def _segment(graphdef, state, frame: Frame, row_seed, start: int, stop: int, m: int | None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "start", "stop", "m", "max_text"))
+def _segment(graphdef, state, frame: Frame, row_seed, counts, start: int, stop: int, m: int | None, max_text: int):
     """Layers start..stop-1 on the frame; with a module, also its decision: (frame, seq_keep, keep, vis_id)."""
     TRACES["segment"] += 1
     model = nnx.merge(graphdef, state)
@@ -70,7 +70,7 @@ def _segment(graphdef, state, frame: Frame, row_seed, start: int, stop: int, m: 
     vis_id = jnp.where(slot_valid, jnp.take_along_axis(frame.vis_id, vis_slot, axis=1), 0)
     seq_keep = frame.valid.astype(jnp.float32)
     keep, _ = decide(model, m, slot_valid.astype(jnp.float32), vis_slot, vis_id, q, k, seq_keep,
-                     frame.text_weight, frame.last_weight, row_seed, soft=False)
+                     frame.text_weight, frame.last_weight, row_seed, soft=False, max_text=max_text, counts=counts)
     rows = jnp.arange(keep.shape[0])[:, None]
     dropped = slot_valid & (keep < 0.5)
     seq_keep = frame.valid.at[rows, vis_slot].set(jnp.where(dropped, False, jnp.take_along_axis(frame.valid, vis_slot,
@@ -114,10 +114,11 @@ def _initial_frame(graphdef, state, input_ids, pixel_values, attention_mask):
 
 
 def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=None,
-                    last_logits_only: bool = False) -> CompactOutput:
+                    last_logits_only: bool = False, counts=None) -> CompactOutput:
     """A prefill that removes pruned tokens (and so their compute and KV cache) after every module.
 
     `last_logits_only`: logits of the prompt's last token only (what generation needs), `[B, 1, V]`.
+    `counts`: per-instance budgets for the ranked baselines, as in `PrunedLlava.__call__`.
     """
     llava, pcfg = model.llava, model.pcfg
     cfg = llava.config
@@ -128,11 +129,12 @@ def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=
     graphdef, state = nnx.split(model)
     frame, row_seed, has_image = _initial_frame(graphdef, state, input_ids, pixel_values, attention_mask)
     modules = model.module_layers if pixel_values is not None else ()
+    counts = check_counts(counts, pcfg, b, len(model.module_layers))
     keeps, lengths, start = [], [t], 0
     for m, layer in enumerate(modules + (None,)):
         stop = n_layers if layer is None else layer + 1
-        frame, decision = _segment(graphdef, state, frame, row_seed, start=start, stop=stop,
-                                   m=None if layer is None else m)
+        frame, decision = _segment(graphdef, state, frame, row_seed, counts, start=start, stop=stop,
+                                   m=None if layer is None else m, max_text=max(1, t - p))
         if decision is None:
             break
         seq_keep, keep_slots, ids_slots = decision

@@ -30,8 +30,10 @@ class PruningConfig:
     pdrop_keep: float = 0.5  # fraction kept at each PyramidDrop stage
     seed: int = 0  # random baseline
     random_schedule: tuple[float, ...] = (0.5, 0.25, 0.125)  # fraction of visual tokens kept after each module
-    # compact mode: sequence lengths after a module are rounded up to one of these multiples of the original
-    bucket_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    # compact mode: sequence lengths after a module are rounded up to one of these fractions of the prompt
+    # length, so at most len(bucket_fractions) programs compile per segment. Steps of 1/16 keep the padding
+    # small where it matters most: after an aggressive module, 88 real tokens of 640 run as 120, not 160.
+    bucket_fractions: tuple[float, ...] = tuple(i / 16 for i in range(1, 17))
 
     def __post_init__(self):
         if self.method not in METHODS:

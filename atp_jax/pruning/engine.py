@@ -81,13 +81,20 @@ def sap_for(cfg, pcfg: PruningConfig) -> np.ndarray:
     return np.concatenate([[1.0], s]).astype(np.float32) if cfg.vision_feature_select_strategy == "full" else s
 
 
-def atp_decision(mlp: ThresholdMLP, q_vis, k_vis, q_all, text_weight: Float[Array, "B T"],
+def select_queries(q: Float[Array, "B T N H"], weight: Float[Array, "B T"], n: int):
+    """The side path's queries: the first `n` slots with weight > 0 gathered with their weights ([B, n, N, H],
+    [B, n]); with fewer such slots the rest carry weight 0. `n` is a static bound (e.g. the text length)."""
+    slot = visual_positions(weight > 0, n)
+    return gather_tokens(q, slot), jnp.take_along_axis(weight, slot, axis=1)
+
+
+def atp_decision(mlp: ThresholdMLP, q_vis, k_vis, q_text, text_weight: Float[Array, "B Q"],
                  keep: Float[Array, "B P"], sap: Float[Array, "B P"], pcfg: PruningConfig, soft: bool):
     """One ATP module: redundancy scores on the side path, instance thresholds, the new cumulative keep."""
     kept = keep > 0.5
     key_bias_vis = jnp.log(keep + pcfg.log_eps) if soft else jnp.where(kept, 0.0, NEG_INF)
     s_self = minmax_normalise(attention_received(q_vis, k_vis, key_bias_vis, keep), kept)
-    s_cross = minmax_normalise(attention_received(q_all, k_vis, key_bias_vis, text_weight), kept)
+    s_cross = minmax_normalise(attention_received(q_text, k_vis, key_bias_vis, text_weight), kept)
     has_cross = text_weight.sum(-1) > 0
     s_red = jax.lax.stop_gradient(jnp.where(has_cross[:, None], (s_self + s_cross) / 2, s_self))
     profile = [jax.lax.stop_gradient(resample_sorted(s, kept, pcfg.sorted_len)) for s in (s_self, s_cross)]
@@ -108,15 +115,19 @@ def spatial_threshold(sap: np.ndarray, target_ratio: float) -> float:
     return float((fits[-1] if fits else levels[0]) - 1e-6)
 
 
-def ranked_decision(m: int, keep: Float[Array, "B P"], vis_id: Int[Array, "B P"], q_all, k_all,
-                    seq_keep: Float[Array, "B T"], vis_slot: Int[Array, "B P"], last_weight: Float[Array, "B T"],
-                    row_seed: Int[Array, " B"], num_visual: int, pcfg: PruningConfig) -> Float[Array, "B P"]:
+def ranked_decision(m: int, keep: Float[Array, "B P"], vis_id: Int[Array, "B P"], q_last: Float[Array, "B 1 N H"],
+                    k_all, seq_keep: Float[Array, "B T"], vis_slot: Int[Array, "B P"], row_seed: Int[Array, " B"],
+                    num_visual: int, pcfg: PruningConfig, counts: Int[Array, " B"] | None = None
+                    ) -> Float[Array, "B P"]:
     """The baselines: keep a fixed number of the kept visual tokens, ranked by the attention the prompt's last
     token pays them (FastV, PyramidDrop: softmax over every key it sees, head-averaged, visual columns) or at
-    random (same counts as a schedule). `vis_slot`: sequence slot of each visual entry; `vis_id`: its index
-    among the image's `num_visual` tokens."""
+    random. The number follows the method's schedule, or `counts` per instance (e.g. another method's counts,
+    for a random baseline at exactly its budget). `vis_slot`: sequence slot of each visual entry; `vis_id`:
+    its index among the image's `num_visual` tokens."""
     kept = keep > 0.5
-    if pcfg.method == "fastv":
+    if counts is not None:
+        count = counts
+    elif pcfg.method == "fastv":
         count = round((1 - pcfg.fastv_ratio) * num_visual)
     elif pcfg.method == "pdrop":
         count = round(num_visual * pcfg.pdrop_keep ** (m + 1))
@@ -127,29 +138,46 @@ def ranked_decision(m: int, keep: Float[Array, "B P"], vis_id: Int[Array, "B P"]
         draws = jax.vmap(lambda s: jax.random.uniform(jax.random.fold_in(base, s), (num_visual,)))(row_seed)
         scores = jnp.take_along_axis(draws, vis_id, axis=1)
     else:
-        received = attention_received(q_all, k_all, jnp.where(seq_keep > 0.5, 0.0, NEG_INF), last_weight)  # [B, T]
+        received = attention_received(q_last, k_all, jnp.where(seq_keep > 0.5, 0.0, NEG_INF),
+                                      jnp.ones(q_last.shape[:2]))  # [B, T]
         scores = jnp.take_along_axis(received, vis_slot, axis=1)
     return keep_top(scores, kept, count).astype(jnp.float32)
 
 
 def decide(model: PrunedLlava, m: int, keep, vis_slot, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
-           soft: bool):
+           soft: bool, max_text: int, counts: Int[Array, "B M"] | None = None):
     """Module `m`'s new keep weights for the visual entries at `vis_slot` (ids `vis_id`) of the current frame,
-    and its thresholds. The same code serves the full frame (masked, soft) and compacted ones."""
+    and its thresholds. The same code serves the full frame (masked, soft) and compacted ones. `max_text`
+    bounds the text tokens after the image (ATP's cross queries are gathered to that static count)."""
     pcfg, cfg = model.pcfg, model.llava.config
     sap_np = sap_for(cfg, pcfg)
     sap = jnp.asarray(sap_np)[vis_id]  # [B, P']
     theta = jnp.zeros((keep.shape[0], 2))
     if pcfg.method == "atp":
-        keep, theta = atp_decision(model.thresholds[m], gather_tokens(q, vis_slot), gather_tokens(k, vis_slot), q,
-                                   text_weight, keep, sap, pcfg, soft)
+        q_text, text_weight = select_queries(q, text_weight, min(max_text, q.shape[1]))
+        keep, theta = atp_decision(model.thresholds[m], gather_tokens(q, vis_slot), gather_tokens(k, vis_slot),
+                                   q_text, text_weight, keep, sap, pcfg, soft)
     elif pcfg.method == "spatial":
         gap = sap - spatial_threshold(sap_np, pcfg.target_ratio)
         keep = keep * (jax.nn.sigmoid(pcfg.temperature * gap) if soft else (gap > 0))
     else:  # fastv, pdrop, random: hard top-k among the kept tokens, in every mode
-        keep = ranked_decision(m, keep, vis_id, q, k, seq_keep, vis_slot, last_weight, row_seed,
-                               cfg.num_image_tokens, pcfg)
+        q_last, _ = select_queries(q, last_weight, 1)
+        keep = ranked_decision(m, keep, vis_id, q_last, k, seq_keep, vis_slot, row_seed, cfg.num_image_tokens, pcfg,
+                               None if counts is None else counts[:, m])
     return keep, theta
+
+
+def check_counts(counts, pcfg: PruningConfig, batch: int, num_modules: int):
+    """Validates per-instance budgets for the ranked baselines: an int array [batch, modules], or None."""
+    if counts is None:
+        return None
+    if pcfg.method not in ("random", "fastv", "pdrop"):
+        raise ValueError(f"counts apply to the ranked baselines (random, fastv, pdrop), not {pcfg.method!r}")
+    counts = jnp.asarray(counts)
+    if counts.shape != (batch, num_modules) or not jnp.issubdtype(counts.dtype, jnp.number):
+        raise ValueError(f"counts must be a number array of shape {(batch, num_modules)} (batch, modules), "
+                         f"got {counts.dtype}{list(counts.shape)}")
+    return jnp.round(counts).astype(jnp.int32)
 
 
 class PrunedLlava(nnx.Module):
@@ -167,7 +195,10 @@ class PrunedLlava(nnx.Module):
         self.thresholds = nnx.List([ThresholdMLP(pcfg.sorted_len, pcfg.mlp_width, theta_r, theta_s, rngs)
                                     for _ in layers]) if pcfg.method == "atp" else nnx.List([])
 
-    def __call__(self, input_ids: Int[Array, "B T"], pixel_values=None, attention_mask=None) -> PrunedOutput:
+    def __call__(self, input_ids: Int[Array, "B T"], pixel_values=None, attention_mask=None,
+                 counts: Int[Array, "B M"] | None = None) -> PrunedOutput:
+        """`counts`: for the ranked baselines (random, FastV, PyramidDrop), the visual tokens each instance
+        keeps after each module instead of the method's schedule, e.g. another method's `PrunedOutput.counts`."""
         cfg, pcfg = self.llava.config, self.pcfg
         lm, soft = self.llava.language_model, pcfg.mode == "soft"
         b, t = input_ids.shape
@@ -184,6 +215,7 @@ class PrunedLlava(nnx.Module):
         keeps, thetas = [], []
         start = 0
         modules = self.module_layers if pixel_values is not None else ()  # nothing to prune without an image
+        counts = check_counts(counts, pcfg, b, len(self.module_layers))
         for m, layer in enumerate(modules + (None,)):
             stop = n_layers if layer is None else layer + 1
             bias = pad if m == 0 else self._bias(keep, vis_idx, has_image, t, pad)
@@ -193,7 +225,7 @@ class PrunedLlava(nnx.Module):
             h, (q, k) = lm.run_layers(h, positions, bias, start, stop, return_last_qk=True)
             seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * valid
             keep, theta = decide(self, m, keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
-                                 soft)
+                                 soft, max_text=max(1, t - p), counts=counts)
             keep = jnp.where(has_image[:, None], keep, 0.0)
             keeps.append(keep)
             thetas.append(theta)
@@ -213,7 +245,7 @@ class PrunedLlava(nnx.Module):
 
     def _bias(self, keep, vis_idx, has_image, length, pad):
         seq_keep = scatter_to_sequence(keep, vis_idx, has_image, length, 1.0)  # [B, T], 1 on text
-        bias = key_bias(seq_keep, self.pcfg.log_eps if self.pcfg.mode == "soft" else None)  # [B, 1, T, T]
+        bias = key_bias(seq_keep, self.pcfg.log_eps if self.pcfg.mode == "soft" else None)  # [B, 1, 1, T]
         return bias if pad is None else bias + pad
 
     def losses(self, out: PrunedOutput) -> dict[str, Float[Array, ""]]:

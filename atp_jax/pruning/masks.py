@@ -35,28 +35,28 @@ def scatter_to_sequence(values: Float[Array, "B P"], positions: Int[Array, "B P"
     return jnp.where(has_image[:, None], out, base)
 
 
-def key_bias(keep: Float[Array, "B T"], eps: float | None) -> Float[Array, "B 1 T T"]:
-    """Attention bias from per-token keep weights, on every key except a query's own position (a pruned
-    token still sees itself, so no softmax row is empty).
+def key_bias(keep: Float[Array, "B T"], eps: float | None) -> Float[Array, "B 1 1 T"]:
+    """Attention bias on keys from per-token keep weights, broadcast over heads and queries.
 
     Soft (`eps` given): log(keep + eps), so a weight of 1 (text tokens, kept tokens) adds ~0. Hard
-    (`eps` None, keep exactly 0 or 1): NEG_INF on dropped keys, the same as removing them.
-    Example: keep [[1, 0, 1]], hard -> row t=1 is [0, 0, 0]; rows 0 and 2 are [0, NEG_INF, 0].
+    (`eps` None, keep exactly 0 or 1): NEG_INF on dropped keys, the same as removing them. NEG_INF is
+    finite, so a query whose every visible key is dropped (a pruned token with nothing kept before it)
+    still gets a finite, if meaningless, output; no kept token ever reads it.
+    Example: keep [[1, 0, 1]], hard -> [[[[0, NEG_INF, 0]]]].
     """
     if eps is None:
         bias = jnp.where(keep > 0.5, 0.0, NEG_INF)
     else:
         bias = jnp.log(keep + eps)
-    t = keep.shape[1]
-    return jnp.where(jnp.eye(t, dtype=bool)[None, None], 0.0, bias[:, None, None, :]).astype(jnp.float32)
+    return bias.astype(jnp.float32)[:, None, None, :]
 
 
-def keep_top(scores: Float[Array, "B P"], kept: Bool[Array, "B P"], k: int) -> Bool[Array, "B P"]:
-    """The `k` highest-scoring entries among each row's kept ones (all of them when fewer are kept);
-    ties go to the earlier token.
+def keep_top(scores: Float[Array, "B P"], kept: Bool[Array, "B P"], k: int | Int[Array, " B"]) -> Bool[Array, "B P"]:
+    """The `k` (one number, or one per row) highest-scoring entries among each row's kept ones (all of them
+    when fewer are kept); ties go to the earlier token.
 
     Example: scores [[0.1, 0.7, 0.3, 0.9]], kept [[1, 1, 1, 0]], k 2 -> [[0, 1, 1, 0]].
     """
     order = jnp.argsort(-jnp.where(kept, scores, -jnp.inf), axis=-1, stable=True)  # [B, P], best first
     rank = jnp.argsort(order, axis=-1)  # rank of each entry
-    return kept & (rank < k)
+    return kept & (rank < jnp.reshape(jnp.asarray(k), (-1, 1)))
