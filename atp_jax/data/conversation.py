@@ -45,11 +45,12 @@ class Tokenized:
 
 
 def normalise_turns(turns: Sequence[dict], has_image: bool) -> list[tuple[str, str]]:
-    """(role, text) pairs that alternate human/gpt, with `<image>` moved to the start of its turn as LLaVA does.
+    """(role, text) pairs that alternate human/gpt, with `<image>` moved to the start of the first human turn
+    as `"<image>\n" + text`.
 
     A leading gpt turn is dropped (as LLaVA does); raises SampleError for an empty conversation, an unknown
-    role, roles out of order, a human turn without an answer, an empty answer, or an `<image>` count that
-    differs from the number of images (0 or 1).
+    role, roles out of order, a human turn without an answer, an empty answer, an `<image>` count that
+    differs from the number of images (0 or 1), or an `<image>` inside an answer.
     """
     pairs = []
     for turn in turns:
@@ -70,11 +71,11 @@ def normalise_turns(turns: Sequence[dict], has_image: bool) -> list[tuple[str, s
     count = sum(text.count(IMAGE) for _, text in pairs)
     if count != int(has_image):
         raise SampleError("image_token_count", f"{count} {IMAGE} in the text for {int(has_image)} image(s)")
-    out = []
-    for role, text in pairs:
-        if IMAGE in text:
-            text = (IMAGE + "\n" + text.replace(IMAGE, "").strip()).strip()
-        out.append((role, text))
+    if any(IMAGE in text for role, text in pairs if role == "gpt"):
+        raise SampleError("image_token_count", f"{IMAGE} in an answer")
+    out = [(role, text.replace(IMAGE, "").strip() if IMAGE in text else text) for role, text in pairs]
+    if has_image:
+        out[0] = (out[0][0], (IMAGE + "\n" + out[0][1]).strip())
     return out
 
 

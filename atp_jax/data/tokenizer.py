@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -48,12 +49,13 @@ def train_tokenizer(texts: Iterable[str], directory: str | os.PathLike, vocab_si
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        model = io.BytesIO()  # not model_prefix: the file would record that (temporary) path
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(texts)), model_prefix=str(staging / "tokenizer"), vocab_size=vocab_size,
+            sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
             model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             add_dummy_prefix=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
             normalization_rule_name="identity", character_coverage=1.0, num_threads=1, minloglevel=2)
-        (staging / "tokenizer.vocab").unlink()
+        (staging / "tokenizer.model").write_bytes(model.getvalue())
         config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
                   "legacy": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                   "pad_token": PAD_TOKEN, "extra_special_tokens": [IMAGE_TOKEN],
