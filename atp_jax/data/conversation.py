@@ -183,6 +183,21 @@ def tokenize(rendered: Rendered, tokenizer, image_token_id: int, num_image_token
     return Tokenized(ids, labels, num_images)
 
 
+def encode_prompt(question: str, tokenizer, image_token_id: int, num_image_tokens: int,
+                  has_image: bool = True) -> np.ndarray:
+    """int32[T] ids of the `vicuna_v1` generation prompt for one question (ending in `ASSISTANT:`), the image
+    expanded to `num_image_tokens` ids; `<image>` is inserted at the start when the question lacks it."""
+    text = generation_prompt(question, has_image)
+    ids, start = [], 0
+    chunks = text.split(IMAGE)
+    for i, chunk in enumerate(chunks):
+        ids += _chunk_tokens(tokenizer, chunk, start, first=i == 0)[0]
+        if i < len(chunks) - 1:
+            ids += [image_token_id] * num_image_tokens
+        start += len(chunk) + len(IMAGE)
+    return np.asarray(ids, np.int32)
+
+
 def encode_sample(turns: Sequence[dict], tokenizer, template: str, has_image: bool, image_token_id: int,
                   num_image_tokens: int, max_length: int | None = None) -> Tokenized:
     """render + tokenize: a LLaVA conversation (`[{'from', 'value'}, ...]`) to ids and labels."""

@@ -144,14 +144,28 @@ class Attention(nnx.Module):
         self.v_proj = dense(d, k * h, ("embed", "kv_heads"), policy, rngs)
         self.o_proj = dense(n * h, d, ("heads", "embed"), policy, rngs)
 
-    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B N T S"] | None):
-        """Output [B, T, D], plus the RoPE'd queries [B, T, N, H] and keys [B, T, K, H] for side paths."""
+    def qkv(self, x: Float[Array, "B T D"], cos, sin):
         b, t, _ = x.shape
         h = self.cfg.dim_per_head
         q = apply_rope(self.q_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, N, H]
         k = apply_rope(self.k_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, K, H]
-        v = self.v_proj(x).reshape(b, t, -1, h)  # [B, T, K, H]
-        return self.o_proj(attention(q, k, v, bias, causal=True).reshape(b, t, -1)), (q, k)  # [B, T, D]
+        return q, k, self.v_proj(x).reshape(b, t, -1, h)  # v: [B, T, K, H]
+
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B N T S"] | None):
+        """Causal self-attention: output [B, T, D], plus the RoPE'd queries [B, T, N, H], keys and values
+        [B, T, K, H] (for side paths and the KV cache)."""
+        q, k, v = self.qkv(x, cos, sin)
+        return self.o_proj(attention(q, k, v, bias, causal=True).reshape(x.shape[0], x.shape[1], -1)), (q, k, v)
+
+    def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_cache: Float[Array, "B S K H"],
+               v_cache: Float[Array, "B S K H"], bias: Float[Array, "B 1 1 S"], slot):
+        """One new token per row: its key and value written at cache `slot`, then attention over the cache
+        (`bias` hides empty and pruned slots; the new slot must be visible). Returns (out, k_cache, v_cache)."""
+        q, k, v = self.qkv(x, cos, sin)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
+        out = attention(q, k_cache, v_cache, bias, causal=False)  # [B, 1, N, H]
+        return self.o_proj(out.reshape(x.shape[0], 1, -1)), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -173,10 +187,16 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, policy, rngs)
 
     def __call__(self, x: Float[Array, "B T D"], cos, sin, bias):
-        """Output [B, T, D] and the attention's (q, k)."""
-        attended, qk = self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        """Output [B, T, D] and the attention's (q, k, v)."""
+        attended, qkv = self.self_attn(self.input_layernorm(x), cos, sin, bias)
         x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x)), qk
+        return x + self.mlp(self.post_attention_layernorm(x)), qkv
+
+    def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_cache, v_cache, bias, slot):
+        attended, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(x), cos, sin, k_cache, v_cache, bias,
+                                                           slot)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
 
 
 # ---- model -----------------------------------------------------------------------------------------------
@@ -201,24 +221,49 @@ class LlamaDecoder(nnx.Module):
 
     def run_layers(self, h: Float[Array, "B T D"], positions: Int[Array, "B T"],
                    bias: Float[Array, "B N T S"] | None = None, start: int = 0, stop: int | None = None,
-                   return_last_qk: bool = False):
+                   return_last_qk: bool = False, return_kv: bool = False):
         """Decoder layers `start..stop-1` on `h`, tokens at RoPE `positions`.
 
-        Attention is causal in the order of `h`; `bias` adds to the logits (padding, pruning masks). With
-        `return_last_qk`, also returns the last layer's RoPE'd queries and keys (the pruning side path).
+        Attention is causal in the order of `h`; `bias` adds to the logits (padding, pruning masks). Returns
+        `h`, followed, when asked, by the last layer's RoPE'd queries and keys `(q, k)` (the pruning side path)
+        and by every layer's keys and values `(k, v)`, each [stop - start, B, T, K, H] (the KV cache).
         """
         stop = self.cfg.num_hidden_layers if stop is None else stop
         cos, sin = rope_cos_sin(self.cfg, positions)
 
         def body(layer, x):
-            return layer(x, cos, sin, bias)[0], None
+            x, (_, k, v) = layer(x, cos, sin, bias)
+            return x, ((k, v) if return_kv else None)
 
         scanned = stop - 1 if return_last_qk else stop
+        kv = (jnp.zeros((0,) + h.shape[:2] + (self.cfg.num_key_value_heads, self.cfg.dim_per_head), self.dtype),) * 2
         if scanned > start:
-            h, _ = scan_layers(self.layers, start, scanned, h, body)
-        if not return_last_qk:
-            return h
-        return layer_at(self.layers, stop - 1)(h, cos, sin, bias)
+            h, kv = scan_layers(self.layers, start, scanned, h, body)
+        extras = []
+        if return_last_qk:
+            h, (q, k, v) = layer_at(self.layers, stop - 1)(h, cos, sin, bias)
+            extras.append((q, k))
+            if return_kv:
+                kv = (jnp.concatenate([kv[0], k[None]]), jnp.concatenate([kv[1], v[None]]))
+        if return_kv:
+            extras.append(kv)
+        return (h, *extras) if extras else h
+
+    def decode_layers(self, h: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], k_cache, v_cache,
+                      bias: Float[Array, "B 1 1 S"], slot, start: int, stop: int):
+        """One decode step through layers `start..stop-1` with their caches `k_cache`, `v_cache`
+        [stop - start, B, S, K, H]; the new token's keys and values land at `slot`. Returns (h, k_cache, v_cache)."""
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        graphdef, state = nnx.split(self.layers)
+        state = jax.tree.map(lambda x: x[start:stop], state)
+
+        def step(x, layer_and_cache):
+            layer_state, k, v = layer_and_cache
+            x, k, v = nnx.merge(graphdef, layer_state).decode(x, cos, sin, k, v, bias, slot)
+            return x, (k, v)
+
+        h, (k_cache, v_cache) = jax.lax.scan(step, h, (state, k_cache, v_cache))
+        return h, k_cache, v_cache
 
     def head(self, h: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         h = self.norm(h)

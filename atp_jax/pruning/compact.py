@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from atp_jax.models.kv_cache import Segment, make_segment
 from atp_jax.models.llama import padding_bias, positions_from_mask
 from atp_jax.pruning.accounting import visual_tokens_per_layer
 from atp_jax.pruning.compaction import bucket_length, compaction_index, gather_tokens
@@ -51,18 +52,25 @@ class CompactOutput:
     counts: Float[Array, "B M"]
     visual_per_layer: Float[Array, "B L"]
     lengths: tuple[int, ...] = dataclasses.field(metadata={"static": True}, default=())  # sequence length per segment
+    cache: tuple[Segment, ...] | None = None  # the KV cache per segment, when asked for
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "start", "stop", "m", "max_text"))
-def _segment(graphdef, state, frame: Frame, row_seed, counts, start: int, stop: int, m: int | None, max_text: int):
-    """Layers start..stop-1 on the frame; with a module, also its decision: (frame, seq_keep, keep, vis_id)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "start", "stop", "m", "max_text", "with_cache"))
+def _segment(graphdef, state, frame: Frame, row_seed, counts, start: int, stop: int, m: int | None, max_text: int,
+             with_cache: bool):
+    """Layers start..stop-1 on the frame; with a module, also its decision (seq_keep, keep, vis_id); with
+    `with_cache`, also the layers' keys and values: (frame, decision | None, kv | None)."""
     TRACES["segment"] += 1
     model = nnx.merge(graphdef, state)
     lm = model.llava.language_model
     bias = padding_bias(frame.valid)
+    out = lm.run_layers(frame.h, frame.positions, bias, start, stop, return_last_qk=m is not None,
+                        return_kv=with_cache)
+    h = out if isinstance(out, jax.Array) else out[0]
+    kv = out[-1] if with_cache else None
     if m is None:
-        return dataclasses.replace(frame, h=lm.run_layers(frame.h, frame.positions, bias, start, stop)), None
-    h, (q, k) = lm.run_layers(frame.h, frame.positions, bias, start, stop, return_last_qk=True)
+        return dataclasses.replace(frame, h=h), None, kv
+    q, k = out[1]
     is_visual = (frame.vis_id >= 0) & frame.valid
     p = min(model.llava.config.num_image_tokens, frame.vis_id.shape[1])
     vis_slot = visual_positions(is_visual, p)  # [B, P']
@@ -75,7 +83,7 @@ def _segment(graphdef, state, frame: Frame, row_seed, counts, start: int, stop: 
     dropped = slot_valid & (keep < 0.5)
     seq_keep = frame.valid.at[rows, vis_slot].set(jnp.where(dropped, False, jnp.take_along_axis(frame.valid, vis_slot,
                                                                                                    axis=1)))
-    return dataclasses.replace(frame, h=h), (seq_keep, keep * slot_valid, jnp.where(slot_valid, vis_id, -1))
+    return dataclasses.replace(frame, h=h), (seq_keep, keep * slot_valid, jnp.where(slot_valid, vis_id, -1)), kv
 
 
 @functools.partial(jax.jit, static_argnames=("length", "contiguous"))
@@ -114,11 +122,12 @@ def _initial_frame(graphdef, state, input_ids, pixel_values, attention_mask):
 
 
 def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=None,
-                    last_logits_only: bool = False, counts=None) -> CompactOutput:
+                    last_logits_only: bool = False, counts=None, return_cache: bool = False) -> CompactOutput:
     """A prefill that removes pruned tokens (and so their compute and KV cache) after every module.
 
     `last_logits_only`: logits of the prompt's last token only (what generation needs), `[B, 1, V]`.
     `counts`: per-instance budgets for the ranked baselines, as in `PrunedLlava.__call__`.
+    `return_cache`: also the KV cache, one segment per run of layers, each as long as its compacted frame.
     """
     llava, pcfg = model.llava, model.pcfg
     cfg = llava.config
@@ -130,11 +139,16 @@ def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=
     frame, row_seed, has_image = _initial_frame(graphdef, state, input_ids, pixel_values, attention_mask)
     modules = model.module_layers if pixel_values is not None else ()
     counts = check_counts(counts, pcfg, b, len(model.module_layers))
-    keeps, lengths, start = [], [t], 0
+    keeps, lengths, start, cache = [], [t], 0, []
+    real_length = frame.valid.sum(axis=1)
     for m, layer in enumerate(modules + (None,)):
         stop = n_layers if layer is None else layer + 1
-        frame, decision = _segment(graphdef, state, frame, row_seed, counts, start=start, stop=stop,
-                                   m=None if layer is None else m, max_text=max(1, t - p))
+        seen = frame.valid
+        frame, decision, kv = _segment(graphdef, state, frame, row_seed, counts, start=start, stop=stop,
+                                       m=None if layer is None else m, max_text=max(1, t - p),
+                                       with_cache=return_cache)
+        if return_cache:
+            cache.append(make_segment(kv, seen, real_length, pcfg.position_mode == "contiguous", start, stop))
         if decision is None:
             break
         seq_keep, keep_slots, ids_slots = decision
@@ -150,4 +164,5 @@ def prefill_compact(model: PrunedLlava, input_ids, pixel_values, attention_mask=
     counts = keep_all.sum(-1)
     per_layer = visual_tokens_per_layer(counts, modules, n_layers, has_image.astype(jnp.float32) * p)
     return CompactOutput(logits=logits, source=frame.source, valid=frame.valid, keep=keep_all, counts=counts,
-                         visual_per_layer=per_layer, lengths=tuple(lengths))
+                         visual_per_layer=per_layer, lengths=tuple(lengths),
+                         cache=tuple(cache) if return_cache else None)

@@ -17,6 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from atp_jax.models.common import NEG_INF
+from atp_jax.models.kv_cache import Segment, make_segment
 from atp_jax.models.llama import padding_bias, positions_from_mask
 from atp_jax.models.llava import LlavaForConditionalGeneration
 from atp_jax.pruning.accounting import budget_losses, visual_tokens_per_layer
@@ -36,6 +37,7 @@ class PrunedOutput:
     visual_per_layer: Float[Array, "B L"]  # visual tokens entering each decoder layer
     thresholds: Float[Array, "B M 2"]  # (theta_r, theta_s) per module; zeros for methods without them
     has_image: Bool[Array, " B"]
+    cache: tuple[Segment, ...] | None = None  # the KV cache per segment of layers, when asked for
 
 
 def token_roles(input_ids: Int[Array, "B T"], image_mask: Bool[Array, "B T"], valid: Bool[Array, "B T"],
@@ -196,9 +198,11 @@ class PrunedLlava(nnx.Module):
                                     for _ in layers]) if pcfg.method == "atp" else nnx.List([])
 
     def __call__(self, input_ids: Int[Array, "B T"], pixel_values=None, attention_mask=None,
-                 counts: Int[Array, "B M"] | None = None) -> PrunedOutput:
+                 counts: Int[Array, "B M"] | None = None, return_cache: bool = False) -> PrunedOutput:
         """`counts`: for the ranked baselines (random, FastV, PyramidDrop), the visual tokens each instance
-        keeps after each module instead of the method's schedule, e.g. another method's `PrunedOutput.counts`."""
+        keeps after each module instead of the method's schedule, e.g. another method's `PrunedOutput.counts`.
+        `return_cache`: also the KV cache, one segment per run of layers between modules, its pruned keys
+        hidden (`masked` mode: the cache keeps every slot)."""
         cfg, pcfg = self.llava.config, self.pcfg
         lm, soft = self.llava.language_model, pcfg.mode == "soft"
         b, t = input_ids.shape
@@ -212,17 +216,24 @@ class PrunedLlava(nnx.Module):
         pad = padding_bias(attention_mask)
         vis_id = jnp.broadcast_to(jnp.arange(p), (b, p))  # the full frame holds every visual token, in order
         keep = jnp.ones((b, p), jnp.float32)
-        keeps, thetas = [], []
+        keeps, thetas, cache = [], [], []
         start = 0
         modules = self.module_layers if pixel_values is not None else ()  # nothing to prune without an image
         counts = check_counts(counts, pcfg, b, len(self.module_layers))
         for m, layer in enumerate(modules + (None,)):
             stop = n_layers if layer is None else layer + 1
             bias = pad if m == 0 else self._bias(keep, vis_idx, has_image, t, pad)
+            if return_cache:
+                visible = valid & (scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) > 0.5)
+            out = lm.run_layers(h, positions, bias, start, stop, return_last_qk=layer is not None,
+                                return_kv=return_cache)
+            h = out if isinstance(out, jax.Array) else out[0]
+            if return_cache:
+                cache.append(make_segment(out[-1], visible, valid.sum(1), pcfg.position_mode == "contiguous", start,
+                                          stop))
             if layer is None:
-                h = lm.run_layers(h, positions, bias, start, stop)
                 break
-            h, (q, k) = lm.run_layers(h, positions, bias, start, stop, return_last_qk=True)
+            q, k = out[1]
             seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * valid
             keep, theta = decide(self, m, keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
                                  soft, max_text=max(1, t - p), counts=counts)
@@ -241,7 +252,7 @@ class PrunedLlava(nnx.Module):
         return PrunedOutput(logits=logits, keep=keep_all, counts=counts,
                             visual_per_layer=visual_tokens_per_layer(counts, modules, n_layers, num_visual),
                             thresholds=jnp.stack(thetas, axis=1) if thetas else jnp.zeros((b, n_modules, 2)),
-                            has_image=has_image)
+                            has_image=has_image, cache=tuple(cache) if return_cache else None)
 
     def _bias(self, keep, vis_idx, has_image, length, pad):
         seq_keep = scatter_to_sequence(keep, vis_idx, has_image, length, 1.0)  # [B, T], 1 on text

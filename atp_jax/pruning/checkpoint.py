@@ -1,0 +1,80 @@
+"""Pruning modules on disk, beside a converted LLaVA checkpoint: `pruning_config.json` and `pruning_params/`
+(an orbax checkpoint of the threshold MLPs). A checkpoint without them has untrained thresholds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from flax import nnx
+
+from atp_jax.pruning.config import PruningConfig
+from atp_jax.pruning.engine import PrunedLlava
+
+CONFIG_FILE = "pruning_config.json"
+PARAMS_DIR = "pruning_params"
+
+
+def config_to_dict(pcfg: PruningConfig) -> dict:
+    return dataclasses.asdict(pcfg)
+
+
+def config_from_dict(d: dict) -> PruningConfig:
+    fields = {f.name: f for f in dataclasses.fields(PruningConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown pruning config fields: {unknown}")
+    return PruningConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def save_pruning(directory: str | Path, model: PrunedLlava) -> None:
+    """Writes the pruning config and threshold-MLP parameters into `directory`, replacing earlier ones only
+    once the new ones are complete."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    staging = Path(tempfile.mkdtemp(prefix=".pruning.", dir=directory))
+    try:
+        (staging / CONFIG_FILE).write_text(json.dumps(config_to_dict(model.pcfg), indent=2))
+        if len(model.thresholds):
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(staging / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model.thresholds)))
+                checkpointer.wait_until_finished()
+        for name in (PARAMS_DIR, CONFIG_FILE):
+            if (directory / name).exists():
+                shutil.rmtree(directory / name) if (directory / name).is_dir() else (directory / name).unlink()
+            if (staging / name).exists():
+                (staging / name).rename(directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def has_pruning(directory: str | Path) -> bool:
+    return (Path(directory) / CONFIG_FILE).is_file()
+
+
+def load_pruned(directory: str | Path, llava, rngs: nnx.Rngs | None = None, **overrides) -> tuple[PrunedLlava, bool]:
+    """The pruned model for a checkpoint directory and whether its thresholds were trained: the saved config
+    and thresholds when present (fields in `overrides`, e.g. `mode`, replace saved ones), otherwise the
+    default config placed for this decoder depth, with `overrides`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    n_layers = llava.config.text.num_hidden_layers
+    if has_pruning(directory):
+        saved = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        pcfg = dataclasses.replace(saved, **overrides)
+    else:
+        saved, pcfg = None, dataclasses.replace(PruningConfig().scaled_to(n_layers), **overrides)
+    model = PrunedLlava(llava, pcfg, rngs=rngs or nnx.Rngs(0))
+    trained = (saved is not None and saved.method == pcfg.method == "atp" and saved.atp_layers == pcfg.atp_layers
+               and (directory / PARAMS_DIR).is_dir())
+    if trained:
+        state = nnx.state(model.thresholds)
+        restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, nnx.to_pure_dict(state))
+        nnx.replace_by_pure_dict(state, restored)
+        nnx.update(model.thresholds, state)
+    return model, trained

@@ -1,0 +1,100 @@
+"""Generation: time to first token, decode tokens/s and KV-cache bytes, ATP `compact` vs unpruned vs
+transformers PyTorch `generate`, on the same weights, in one run.
+
+  python benchmarks/generate.py [--runs 5] [--batch 1] [--new-tokens 64]
+
+Shared benchmark model (576 visual + 64 text tokens), greedy decoding of a fixed number of tokens (no EOS).
+ATP thresholds are set for ~25% average visual tokens, as in benchmarks/prefill.py. PyTorch's figures come
+from `generate` with its default dynamic KV cache: TTFT = generate(max_new_tokens=1), decode tokens/s from the
+difference to the full generate. The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from atp_jax import load_pretrained  # noqa: E402
+from atp_jax.infer.generate import generate  # noqa: E402
+from atp_jax.pruning.config import PruningConfig  # noqa: E402
+from atp_jax.pruning.engine import PrunedLlava  # noqa: E402
+from atp_jax.testing.reference import hf_model, random_inputs  # noqa: E402
+from benchmarks.common import SEED, TEXT_TOKENS, bench_config, emit, environment, print_table  # noqa: E402
+from benchmarks.prefill import calibrate_atp  # noqa: E402
+
+NO_EOS = -1
+
+
+def torch_generate(ref, ids, pixels, new_tokens: int):
+    t_ids, t_px = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(pixels)
+    with torch.inference_mode():
+        return ref.generate(input_ids=t_ids, pixel_values=t_px, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].numpy()
+
+
+def torch_cache_bytes(cfg, batch: int, length: int) -> int:
+    text = cfg.text
+    return 2 * text.num_hidden_layers * batch * length * text.num_key_value_heads * text.dim_per_head * 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    cfg = bench_config()
+    ref = hf_model(cfg, SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        llava, _ = load_pretrained(tmp)
+    ids, pixels = random_inputs(cfg, args.batch, TEXT_TOKENS, seed=SEED)
+    atp = calibrate_atp(llava, jax.numpy.asarray(ids), jax.numpy.asarray(pixels))
+    unpruned = PrunedLlava(llava, PruningConfig(method="none", mode="masked"), rngs=nnx.Rngs(SEED))
+    n = args.new_tokens
+    results, tokens = {}, {}
+    for name, model in (("unpruned", unpruned), ("atp_compact", atp)):
+        generate(model, ids, pixels, max_new_tokens=n, eos_id=NO_EOS, mode="compact")  # compile
+        runs = [generate(model, ids, pixels, max_new_tokens=n, eos_id=NO_EOS, mode="compact") for _ in range(args.runs)]
+        tokens[name] = runs[0].tokens
+        results[name] = {"ttft_s": statistics.median(r.ttft_s for r in runs),
+                         "decode_tokens_per_s": statistics.median(args.batch * (n - 1) / r.decode_s for r in runs),
+                         "kv_cache_bytes": runs[0].cache_bytes,
+                         "avg_visual_tokens": float(runs[0].visual_per_layer.mean())}
+    torch.set_num_threads(os.cpu_count())
+    torch_generate(ref, ids, pixels, 2)  # warm-up
+    first, full = [], []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        torch_generate(ref, ids, pixels, 1)
+        first.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tokens["torch"] = torch_generate(ref, ids, pixels, n)
+        full.append(time.perf_counter() - start)
+    t_first, t_full = statistics.median(first), statistics.median(full)
+    results["torch_generate"] = {"ttft_s": t_first, "decode_tokens_per_s": args.batch * (n - 1) / (t_full - t_first),
+                                 "kv_cache_bytes": torch_cache_bytes(cfg, args.batch, ids.shape[1] + n - 1),
+                                 "avg_visual_tokens": float(cfg.num_image_tokens)}
+    same = bool((tokens["torch"] == tokens["unpruned"]).all())
+    print(f"{environment()}; prompt {ids.shape[1]} tokens, batch {args.batch}, {n} new tokens, median of {args.runs}")
+    print_table("generation", ["method", "avg visual", "TTFT ms", "decode tok/s", "KV cache MB"],
+                [[k, f"{v['avg_visual_tokens']:.0f}", f"{v['ttft_s'] * 1e3:.1f}", f"{v['decode_tokens_per_s']:.1f}",
+                  f"{v['kv_cache_bytes'] / 2**20:.2f}"] for k, v in results.items()])
+    print(f"\nunpruned greedy tokens equal transformers' generate: {same}")
+    emit({"batch": args.batch, "new_tokens": n, "prompt_tokens": int(ids.shape[1]), "same_tokens_as_torch": same,
+          **results})
+
+
+if __name__ == "__main__":
+    main()
