@@ -82,19 +82,22 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
     return build(rngs)
 
 
-def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable):
-    """Runs stacked `layers[start:stop]` in order with `lax.scan`: `carry, y = body(layer, carry)`.
+def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable, xs=None):
+    """Runs stacked `layers[start:stop]` in order with `lax.scan`: `carry, y = body(layer, carry)`, or
+    `body(layer, carry, x)` with per-layer inputs `xs` (leading axis stop - start).
 
-    The slice is taken on the state, so one compiled layer body serves any range of layers.
-    Returns the final carry and the stacked per-layer outputs `y`.
+    Each step reads its layer from the full stack by index: slicing the stack to the range first would copy
+    those layers' weights on every call (a full copy of the weights per decode step). Returns the final carry
+    and the stacked per-layer outputs `y`.
     """
     graphdef, state = nnx.split(layers)
-    state = jax.tree.map(lambda x: x[start:stop], state)
 
-    def step(c, layer_state):
-        return body(nnx.merge(graphdef, layer_state), c)
+    def step(c, i_and_x):
+        i, x = i_and_x
+        layer = nnx.merge(graphdef, jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), state))
+        return body(layer, c) if xs is None else body(layer, c, x)
 
-    return jax.lax.scan(step, carry, state)
+    return jax.lax.scan(step, carry, (jnp.arange(start, stop), xs))
 
 
 def layer_at(layers: nnx.Module, i: int) -> nnx.Module:

@@ -254,15 +254,12 @@ class LlamaDecoder(nnx.Module):
         """One decode step through layers `start..stop-1` with their caches `k_cache`, `v_cache`
         [stop - start, B, S, K, H]; the new token's keys and values land at `slot`. Returns (h, k_cache, v_cache)."""
         cos, sin = rope_cos_sin(self.cfg, positions)
-        graphdef, state = nnx.split(self.layers)
-        state = jax.tree.map(lambda x: x[start:stop], state)
 
-        def step(x, layer_and_cache):
-            layer_state, k, v = layer_and_cache
-            x, k, v = nnx.merge(graphdef, layer_state).decode(x, cos, sin, k, v, bias, slot)
+        def body(layer, x, cache):
+            x, k, v = layer.decode(x, cos, sin, *cache, bias, slot)
             return x, (k, v)
 
-        h, (k_cache, v_cache) = jax.lax.scan(step, h, (state, k_cache, v_cache))
+        h, (k_cache, v_cache) = scan_layers(self.layers, start, stop, h, body, xs=(k_cache, v_cache))
         return h, k_cache, v_cache
 
     def head(self, h: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
