@@ -49,6 +49,8 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: as stored)")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")
     p.add_argument("--visualize", metavar="OUT.png", help="draw the kept patches per pruning module (single image)")
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help="JAX persistent compilation cache: later runs reuse the compiled prefill and decode programs")
     return p
 
 
@@ -65,6 +67,11 @@ def main(argv=None) -> int:
         parser.error("give --image and --prompt (or --batch-file and --output)")
     if args.visualize and args.batch_file:
         parser.error("--visualize works with a single --image")
+    if args.compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     common = dict(tokenizer_dir=args.tokenizer, prune=args.prune, mode=args.mode, dtype=args.dtype,
                   max_new_tokens=args.max_new_tokens, seed=args.seed, as_json=args.json,
                   sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))

@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny random reference checkpoints written once per session."""
+"""Shared fixtures: tiny random reference checkpoints written once per session; 8 CPU devices for mesh tests."""
 
-import pytest
+import os
 
-from atp_jax.models.config import LlavaConfig
-from atp_jax.testing.reference import save_hf_model
+# Before JAX starts: the sharding tests need a mesh of 8 devices (single-device code runs on the first).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+from atp_jax.models.config import LlavaConfig  # noqa: E402
+from atp_jax.testing.reference import save_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

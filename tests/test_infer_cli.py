@@ -125,7 +125,7 @@ def runs(work):
         "single": [*single, "--visualize", work / "kept.png"],
         "batch4_compact": [*batch, "--output", work / "out4.jsonl", "--batch-size", 4, "--json"],
         "batch1_masked": [*batch, "--output", work / "out1.jsonl", "--batch-size", 1, "--mode", "masked"],
-        "fastv_compact": [*single, "--prune", "fastv", "--json"],
+        "fastv_compact": [*single, "--prune", "fastv", "--json", "--compilation-cache", work / "xla-cache"],
         "fastv_masked": [*single, "--prune", "fastv", "--mode", "masked", "--json"],
     }
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
@@ -293,6 +293,11 @@ def test_batches_of_four_compact_equal_one_at_a_time_masked(work, runs):
     for a, b in zip(four, one, strict=True):
         assert a["token_ids"] == b["token_ids"] and a["answer"] == b["answer"], a["id"]
         assert a["visual_tokens_per_layer"] == b["visual_tokens_per_layer"], a["id"]
+
+
+def test_the_persistent_compilation_cache_is_written(work, runs):
+    finished(runs, "fastv_compact")
+    assert any((work / "xla-cache").iterdir())
 
 
 def test_fastv_masked_and_compact_give_the_same_tokens_as_json(runs):
