@@ -1,102 +1,65 @@
-"""The main job. Training is not built yet: for now this runs the conversion + parity demo end to end.
+"""Train LLaVA / ATP-LLaVA: the same command on a laptop CPU and on every host of a TPU pod.
 
-  python launch/train.py [--workdir DIR] [--seed N]
+  python launch/train.py [--config configs/NAME.py] [--workdir DIR] [--config.FIELD=VALUE ...]
 
-It builds a small random LLaVA-1.5 in transformers (PyTorch), converts it to atp_jax, checks that both give
-the same logits on an image + text prompt, exports it back to the llava-hf layout and checks the round trip
-is bit-identical. Without --workdir everything is written to a temporary directory and removed.
+Without --config: configs/tiny_synthetic.py (a tiny model, ATP on the built-in synthetic set). Rerunning with
+the same --workdir resumes from its latest checkpoint. Multi-host: on a TPU pod slice the processes find each
+other by themselves; elsewhere set --config.distributed.coordinator=HOST:PORT, .num_processes and .process_id.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from atp_jax import LlavaConfig, VisionConfig, forward, load_pretrained  # noqa: E402
-from atp_jax.convert.checkpoint import read_converted, save_converted  # noqa: E402
-from atp_jax.convert.exporter import write_hf  # noqa: E402
-from atp_jax.convert.importer import convert_hf, flatten, unflatten  # noqa: E402
-from atp_jax.testing.reference import hf_logits, random_inputs, save_hf_model  # noqa: E402
-
-TOLERANCE = 1e-4
+_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "tiny_synthetic.py"),
+                                          "a configs/*.py file (get_config())", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the resolved config "
+                               "(default: workdir/<config name>)")
 
 
-def demo_config() -> LlavaConfig:
-    """LLaVA-1.5's shape at laptop size: a 12x12 patch grid (144 visual tokens), 4-layer GQA decoder."""
-    vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=168, patch_size=14, projection_dim=32)
-    return LlavaConfig.tiny(vision=vision, image_seq_length=144)
+def initialize_distributed(config) -> None:
+    """jax.distributed before any other JAX call: explicit coordinator settings, or automatic on a TPU pod."""
+    import os
+
+    import jax
+
+    d = config.distributed
+    if d.coordinator:
+        jax.distributed.initialize(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                                   process_id=d.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:  # a multi-host TPU slice
+        jax.distributed.initialize()
 
 
-def same_safetensors(a: Path, b: Path) -> bool:
-    from safetensors.numpy import load_file
+def main(argv) -> None:
+    del argv
+    config = _CONFIG.value
+    initialize_distributed(config)
+    import jax
 
-    def tensors(d):
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            out.update(load_file(f))
-        return out
+    from atp_jax.train.trainer import TrainingError, train
 
-    ta, tb = tensors(a), tensors(b)
-    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and np.array_equal(ta[k], tb[k]) for k in ta)
-
-
-def run(workdir: Path, seed: int) -> bool:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    cfg = demo_config()
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} device(s)); workdir {workdir}")
-    print("training is not implemented yet: running the conversion + parity demo\n")
-
-    start = time.perf_counter()
-    reference = save_hf_model(cfg, workdir / "hf", seed=seed)
-    print(f"1. random PyTorch LLaVA ({sum(p.numel() for p in reference.parameters()):,} parameters, "
-          f"{cfg.num_image_tokens} visual tokens) saved to {workdir / 'hf'}")
-
-    _, flat, summary = convert_hf(workdir / "hf")
-    save_converted(workdir / "jax", cfg, unflatten(flat), overwrite=True)
-    print(f"2. hf-to-jax: {summary}")
-
-    model, _ = load_pretrained(workdir / "jax")
-    ids, pixels = random_inputs(cfg, batch=2, text_len=24, seed=seed)
-    ours = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(pixels)).logits)
-    theirs = hf_logits(reference, ids, pixels)
-    diff = float(np.abs(ours - theirs).max())
-    same_tokens = bool((ours.argmax(-1) == theirs.argmax(-1)).all())
-    print(f"3. logits on {ids.shape[0]} prompts x {ids.shape[1]} tokens: max |jax - torch| = {diff:.2e} "
-          f"(bound {TOLERANCE:.0e}, logits up to {np.abs(theirs).max():.1f}); same argmax everywhere: {same_tokens}")
-
-    _, params = read_converted(workdir / "jax")
-    write_hf(workdir / "hf_roundtrip", cfg, flatten(params), overwrite=True)
-    identical = same_safetensors(workdir / "hf", workdir / "hf_roundtrip")
-    print(f"4. jax-to-hf round trip bit-identical: {identical}")
-
-    ok = diff <= TOLERANCE and same_tokens and identical
-    print(f"\n{'PASS' if ok else 'FAIL'} in {time.perf_counter() - start:.1f}s")
-    return ok
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, help="keep the checkpoints here (default: a temporary directory)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return 0 if run(args.workdir, args.seed) else 1
-    with tempfile.TemporaryDirectory() as tmp:
-        return 0 if run(Path(tmp), args.seed) else 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    workdir = _WORKDIR.value or str(Path("workdir") / Path(flags.FLAGS["config"].config_filename).stem)
+    if jax.process_index() == 0:
+        print(f"jax {jax.__version__}, {jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} "
+              f"device(s); workdir {workdir}")
+    try:
+        last = train(config, workdir)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if jax.process_index() == 0 and last:
+        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items())))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

@@ -108,11 +108,32 @@ class TrimToBucket(grain.transforms.Map):
         return {k: v[:, :length] if k in ("input_ids", "labels", "attention_mask") else v for k, v in batch.items()}
 
 
+class BatchSliceSampler:
+    """Process `index` of `count` reads its slice of every global batch of one shared shuffle: global batch b is
+    positions [b G, (b + 1) G) of the shuffled order (G = count x local batch), and this process takes its
+    `local` rows of each. So N processes see exactly the global batches one process would (grain's own
+    ShardOptions give each process a contiguous block of the dataset instead)."""
+
+    def __init__(self, base, local: int, index: int, count: int):
+        self.base, self.local, self.index, self.count = base, local, index, count
+
+    def __len__(self) -> int:
+        return len(self.base) // (self.local * self.count) * self.local
+
+    def __getitem__(self, i: int):
+        if i >= len(self):
+            raise IndexError(f"index {i} past the end ({len(self)})")
+        batch, row = divmod(i, self.local)
+        record = self.base[(batch * self.count + self.index) * self.local + row]
+        return dataclasses.replace(record, index=i)
+
+
 def make_loader(source, preprocess_fn: Preprocess, batch_size: int, *, seed: int = 0, shard_index: int = 0,
                 shard_count: int = 1, num_epochs: int | None = None, worker_count: int = 0,
                 shuffle: bool = True) -> grain.DataLoader:
     """A grain DataLoader over a random-access `source` (e.g. `tfds.data_source(...)`): seeded shuffle over the
-    whole dataset, this process's shard (`shard_index` of `shard_count`, e.g. jax.process_index/count),
+    whole dataset, this process's rows of each global batch (`shard_index` of `shard_count`, e.g.
+    jax.process_index/count; see `BatchSliceSampler`),
     pre-processing, skips dropped, batches of `batch_size` examples (the per-process batch; incomplete last
     batches dropped). `num_epochs=None` repeats forever."""
     cfg = preprocess_fn.config
@@ -121,13 +142,13 @@ def make_loader(source, preprocess_fn: Preprocess, batch_size: int, *, seed: int
             raise ValueError("length_buckets would give processes different batch shapes; use max_length alone")
         if max(cfg.length_buckets) != cfg.max_length:
             raise ValueError(f"the largest length bucket must be max_length ({cfg.max_length}): {cfg.length_buckets}")
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-        shard_options=grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                                                  drop_remainder=True))
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=shuffle, seed=seed, num_epochs=num_epochs)
+    if shard_count > 1:
+        sampler = BatchSliceSampler(sampler, batch_size, shard_index, shard_count)
     operations = [preprocess_fn, Usable(), grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
     if cfg.length_buckets:
         operations.append(TrimToBucket(cfg.length_buckets))
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=worker_count)
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, worker_count=worker_count,
+                            shard_options=grain.sharding.NoSharding())  # the sampler already holds this process's rows
 
 

@@ -1,0 +1,62 @@
+"""The trainer's data: the configured TFDS source (the synthetic set is generated on first use) and loaders."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import tensorflow_datasets as tfds
+
+from atp_jax.data import synthetic
+from atp_jax.data.builders import shapes_data
+from atp_jax.data.pipeline import DataConfig, Preprocess, make_loader
+from atp_jax.data.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass
+class Data:
+    tokenizer: object
+    tokenizer_dir: Path
+    sources: dict  # split role ("train", "eval") -> random-access source
+    image_token_id: int
+
+
+def cache_dir(config) -> Path:
+    return Path(config.data.cache_dir or os.environ.get("ATP_JAX_CACHE") or Path.home() / ".cache" / "atp_jax")
+
+
+def prepare(config) -> Data:
+    """Tokenizer and sources. The synthetic set is written by process 0 while the others wait, then read by all."""
+    d = config.data
+    if d.source.startswith("shapes_vqa"):
+        shapes = dataclasses.replace(synthetic.ShapesConfig(), image_size=config.model.vision.image_size,
+                                     train_size=d.shapes_train_size)
+        if jax.process_index() == 0:
+            shapes_data(cache_dir(config), shapes)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("synthetic data ready")
+        data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes)
+    else:
+        if not d.tokenizer:
+            raise ValueError(f"data.tokenizer: give the tokenizer directory for source {d.source!r}")
+        data_dir, tokenizer_dir = Path(d.data_dir), Path(d.tokenizer)
+    sources = {"train": tfds.data_source(d.source, split=d.train_split, data_dir=str(data_dir))}
+    if d.eval_split:
+        sources["eval"] = tfds.data_source(d.source, split=d.eval_split, data_dir=str(data_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return Data(tokenizer, Path(tokenizer_dir), sources, tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def loader(config, data: Data, source, model_cfg, batch_size: int, seed: int, shuffle: bool = True,
+           num_epochs: int | None = None):
+    """This process's batches of `batch_size` from `source`: its shard of a seeded global shuffle."""
+    pre = Preprocess(str(data.tokenizer_dir), model_cfg.image_token_index, model_cfg.num_image_tokens,
+                     DataConfig(template=config.data.template, image_size=model_cfg.vision.image_size,
+                                image_mode=config.data.image_mode, max_length=config.data.max_length))
+    return make_loader(source, pre, batch_size, seed=seed, shard_index=jax.process_index(),
+                       shard_count=jax.process_count(), num_epochs=num_epochs, worker_count=config.data.worker_count,
+                       shuffle=shuffle)

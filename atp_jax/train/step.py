@@ -1,0 +1,84 @@
+"""The training step: LLaVA's next-token loss plus the ATP budget losses, one optimizer update, skipped when
+the loss or a gradient is not finite.
+
+Functional over (graphdef, params, rest) so that `jax.jit` can take in/out shardings and donate the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from atp_jax.data.conversation import IGNORE_INDEX
+
+
+def lm_loss(logits: Float[Array, "B T V"], labels: Int[Array, "B T"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Mean cross-entropy of predicting labels[t + 1] from logits[t] over supervised tokens (not IGNORE_INDEX),
+    and their number. Example: labels [[-100, 5, 7]] supervise logits[0] -> 5 and logits[1] -> 7."""
+    target = labels[:, 1:]
+    supervised = target != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32),
+                                                         jnp.where(supervised, target, 0))
+    n = supervised.sum()
+    return jnp.where(supervised, ce, 0.0).sum() / jnp.maximum(n, 1), n.astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: nnx.State  # trainable and frozen parameters (the optimizer leaves frozen ones alone)
+    rest: nnx.State  # everything else in the model (none for LLaVA today; kept so models may carry state)
+    opt_state: optax.OptState
+    step: Int[Array, ""]
+    bad_steps: Int[Array, ""]  # consecutive steps skipped for a non-finite loss or gradient
+    skipped: Int[Array, ""]  # all steps skipped so far
+
+
+def model_loss(model, batch: dict) -> tuple[Float[Array, ""], dict]:
+    """Loss of a `PrunedLlava` on a batch (input_ids, labels, attention_mask, pixel_values) and its parts."""
+    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+    ce, tokens = lm_loss(out.logits, batch["labels"])
+    parts = model.losses(out)
+    metrics = {"lm_loss": ce, "supervised_tokens": tokens, "avg_visual_tokens": parts["avg_visual_tokens"]}
+    total = ce
+    if model.pcfg.mode == "soft" and model.module_layers:
+        total = ce + parts["atp"] + parts["target"]
+        metrics |= {"atp_loss": parts["atp"], "target_loss": parts["target"]}
+        n = jnp.maximum(out.has_image.sum(), 1)
+        for m, layer in enumerate(model.module_layers):
+            metrics[f"kept_after_layer_{layer}"] = (out.counts[:, m] * out.has_image).sum() / n
+    metrics["loss"] = total
+    return total, metrics
+
+
+def train_step(graphdef, tx: optax.GradientTransformation, state: TrainState, batch: dict
+               ) -> tuple[TrainState, dict]:
+    """One update. A non-finite loss or gradient leaves params and optimizer state unchanged and counts the
+    step in `bad_steps` (reset by the next good step) and `skipped`."""
+
+    def loss_fn(params):
+        return model_loss(nnx.merge(graphdef, params, state.rest), batch)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    def pick(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    new_state = TrainState(params=pick(params, state.params), rest=state.rest,
+                           opt_state=pick(opt_state, state.opt_state), step=state.step + 1,
+                           bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+                           skipped=state.skipped + (~finite).astype(jnp.int32))
+    return new_state, metrics | {"grad_norm": grad_norm, "finite": finite}
+
+
+def eval_step(graphdef, state: TrainState, batch: dict) -> dict:
+    return model_loss(nnx.merge(graphdef, state.params, state.rest), batch)[1]

@@ -1,0 +1,63 @@
+"""The embedded default: a tiny LLaVA trained with ATP on the built-in synthetic shapes set, on a laptop CPU.
+
+  python launch/train.py --config configs/tiny_synthetic.py --workdir DIR [--config.FIELD=VALUE ...]
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.total_steps = 300
+    c.batch_size = 16  # global: split over processes, then sharded over the mesh's data and fsdp axes
+    c.log_every = 10
+    c.eval_every = 100
+    c.eval_batches = 4
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    c.max_bad_steps = 20  # consecutive non-finite steps before the run stops
+
+    c.model = ConfigDict()
+    c.model.init_from = ""  # a converted atp_jax checkpoint; empty: a fresh model of the size below
+    c.model.dtype = "float32"  # compute dtype (bfloat16 keeps float32 master weights)
+    c.model.vision = ConfigDict(dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=168, patch_size=14, projection_dim=64))  # 12 x 12 patches
+    c.model.text = ConfigDict(dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=4, max_position_embeddings=512))
+    c.model.remat = False  # recompute each decoder layer in the backward pass (memory for compute)
+
+    c.pruning = ConfigDict()
+    c.pruning.method = "atp"
+    c.pruning.atp_layers = (0, 1, 2)
+    c.pruning.target_ratio = 0.25
+    c.pruning.temperature = 10.0
+    c.pruning.lambda_atp = 0.05
+    c.pruning.lambda_target = 1.0
+
+    c.data = ConfigDict()
+    c.data.source = "shapes_vqa/vqa"  # a TFDS name; shapes_vqa is generated on first use
+    c.data.data_dir = ""  # TFDS data_dir for other sources
+    c.data.cache_dir = ""  # where the synthetic set and its tokenizer live (default: WORKDIR/../.cache)
+    c.data.tokenizer = ""  # tokenizer directory for other sources
+    c.data.template = "vicuna_v1"
+    c.data.image_mode = "pad"
+    c.data.max_length = 256
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.worker_count = 0
+    c.data.shapes_train_size = 20000
+
+    c.optim = ConfigDict()
+    c.optim.lr = 1e-3  # the LLM and projector
+    c.optim.atp_lr = 1e-3  # the threshold MLPs
+    c.optim.vision_lr = 1e-3  # 0 freezes the vision tower
+    c.optim.warmup_ratio = 0.03
+    c.optim.schedule = "cosine"
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    c.optim.accumulation_steps = 1
+
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: use the first N (0: all)
+    c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
+    return c

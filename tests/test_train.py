@@ -1,0 +1,146 @@
+"""Training end to end on CPU: meshes give the 1-device losses, resume after SIGKILL, SIGTERM, damaged checkpoints,
+two processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 3
+
+
+def small_config(cache: Path, **overrides):
+    """tests/train_config.py (tiny_synthetic shrunk) with the cache directory and dotted-key overrides."""
+    from tests.train_config import get_config
+
+    c = get_config()
+    c.data.cache_dir = str(cache)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def single_device(cache, tmp_path_factory):
+    from atp_jax.train.trainer import train
+
+    workdir = tmp_path_factory.mktemp("one")
+    train(small_config(cache, **{"mesh.data": 1, "mesh.devices": 1}), workdir)
+    return losses(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_meshes_give_the_single_device_losses(cache, single_device, tmp_path, mesh):
+    from atp_jax.train.trainer import train
+
+    data, fsdp, tensor = mesh
+    train(small_config(cache, **{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor}), tmp_path)
+    got = losses(tmp_path)
+    assert sorted(got) == sorted(single_device) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [single_device[s] for s in sorted(got)], rtol=1e-5)
+    assert single_device[STEPS] < single_device[1]  # it learns
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_previous_one(cache, tmp_path, caplog):
+    from atp_jax.train.trainer import train
+
+    train(small_config(cache, total_steps=4, checkpoint_every=2), tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0" * 7)  # every data file of the latest state unreadable
+    before = losses(tmp_path)
+    train(small_config(cache, total_steps=4, checkpoint_every=2), tmp_path)
+    assert "does not restore" in caplog.text
+    np.testing.assert_allclose([losses(tmp_path)[s] for s in (3, 4)], [before[s] for s in (3, 4)], rtol=1e-6)
+
+
+def run_cli(workdir: Path, cache: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    args = [sys.executable, str(ROOT / "launch" / "train.py"), f"--workdir={workdir}",
+            f"--config={ROOT / 'tests' / 'train_config.py'}", f"--config.data.cache_dir={cache}", *extra]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, timeout: float = 240) -> int:
+    """Waits until a finished checkpoint (orbax renames its temporary directory at the end) is on disk."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if done:
+            return max(done)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise TimeoutError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_killed_and_restarted_run_logs_the_losses_of_an_uninterrupted_one(cache, tmp_path):
+    steps = ["--config.total_steps=8", "--config.checkpoint_every=3"]
+    whole = run_cli(tmp_path / "whole", cache, *steps)
+    broken = run_cli(tmp_path / "broken", cache, *steps)
+    wait_for_checkpoint(tmp_path / "broken", broken)
+    broken.send_signal(signal.SIGKILL)
+    broken.wait()
+    resumed = run_cli(tmp_path / "broken", cache, *steps)
+    for proc in (whole, resumed):
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    assert losses(tmp_path / "broken") == losses(tmp_path / "whole")
+    assert sorted(losses(tmp_path / "whole")) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(cache, tmp_path):
+    proc = run_cli(tmp_path, cache, "--config.total_steps=1000", "--config.checkpoint_every=2")
+    wait_for_checkpoint(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = max(int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit())
+    assert saved == max(losses(tmp_path)) and saved < 1000  # the step it had reached, not only the periodic one
+    assert "SIGTERM" in err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_losses(cache, single_device, tmp_path):
+    port = free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    flags = [f"--config.total_steps={STEPS}", f"--config.distributed.coordinator=127.0.0.1:{port}",
+             "--config.distributed.num_processes=2"]
+    procs = [run_cli(tmp_path, cache, *flags, f"--config.distributed.process_id={i}", env=env) for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    got = losses(tmp_path)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [single_device[s] for s in sorted(got)], rtol=1e-5)
