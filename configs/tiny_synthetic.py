@@ -20,6 +20,7 @@ def get_config() -> ConfigDict:
 
     c.model = ConfigDict()
     c.model.init_from = ""  # a converted atp_jax checkpoint; empty: a fresh model of the size below
+    c.model.preset = ""  # documentation of the expected architecture for init_from (e.g. "llava15_7b")
     c.model.dtype = "float32"  # compute dtype (bfloat16 keeps float32 master weights)
     c.model.vision = ConfigDict(dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                      image_size=168, patch_size=14, projection_dim=64))  # 12 x 12 patches
@@ -49,9 +50,11 @@ def get_config() -> ConfigDict:
     c.data.shapes_train_size = 20000
 
     c.optim = ConfigDict()
-    c.optim.lr = 1e-3  # the LLM and projector
+    # Learning rates per parameter group; 0 freezes the group (no optimizer state is kept for it).
+    c.optim.lr = 1e-3  # the LLM
+    c.optim.projector_lr = -1.0  # negative: same as lr
     c.optim.atp_lr = 1e-3  # the threshold MLPs
-    c.optim.vision_lr = 1e-3  # 0 freezes the vision tower
+    c.optim.vision_lr = 1e-3  # the vision tower
     c.optim.warmup_ratio = 0.03
     c.optim.schedule = "cosine"
     c.optim.weight_decay = 0.0

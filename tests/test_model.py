@@ -148,3 +148,18 @@ def test_every_parameter_names_its_logical_axes():
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes, ndim = var.get_metadata()["logical_axes"], len(var.get_value().shape)
         assert len(axes) == (ndim - 1 if "layers" in path else ndim), (path, axes)
+
+
+def test_remat_gives_the_same_gradients(tiny_cfg):
+    from atp_jax.testing.reference import random_inputs
+
+    model = LlavaForConditionalGeneration(tiny_cfg, rngs=nnx.Rngs(0))
+    ids, pixels = (jnp.asarray(x) for x in random_inputs(tiny_cfg, 2, 5, seed=1))
+
+    def grads(remat: bool):
+        model.language_model.remat = remat
+        return nnx.grad(lambda m: jnp.square(m(ids, pixels).logits).mean())(model)
+
+    plain, remat = jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))
+    for a, b in zip(plain, remat, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

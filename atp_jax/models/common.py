@@ -82,9 +82,10 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs)
     return build(rngs)
 
 
-def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable, xs=None):
+def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable, xs=None, remat: bool = False):
     """Runs stacked `layers[start:stop]` in order with `lax.scan`: `carry, y = body(layer, carry)`, or
-    `body(layer, carry, x)` with per-layer inputs `xs` (leading axis stop - start).
+    `body(layer, carry, x)` with per-layer inputs `xs` (leading axis stop - start). `remat`: keep only each
+    layer's input for the backward pass and recompute the rest (activation memory of one layer, not all).
 
     Each step reads its layer from the full stack by index: slicing the stack to the range first would copy
     those layers' weights on every call (a full copy of the weights per decode step). Returns the final carry
@@ -97,7 +98,7 @@ def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable
         layer = nnx.merge(graphdef, jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), state))
         return body(layer, c) if xs is None else body(layer, c, x)
 
-    return jax.lax.scan(step, carry, (jnp.arange(start, stop), xs))
+    return jax.lax.scan(jax.checkpoint(step) if remat else step, carry, (jnp.arange(start, stop), xs))
 
 
 def layer_at(layers: nnx.Module, i: int) -> nnx.Module:

@@ -207,6 +207,7 @@ class LlamaDecoder(nnx.Module):
 
     def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, policy.dtype
+        self.remat = False  # training sets it: recompute layer activations in the backward pass
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=policy.dtype,
                                       param_dtype=policy.param_dtype,
                                       embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
@@ -238,7 +239,7 @@ class LlamaDecoder(nnx.Module):
         scanned = stop - 1 if return_last_qk else stop
         kv = (jnp.zeros((0,) + h.shape[:2] + (self.cfg.num_key_value_heads, self.cfg.dim_per_head), self.dtype),) * 2
         if scanned > start:
-            h, kv = scan_layers(self.layers, start, scanned, h, body)
+            h, kv = scan_layers(self.layers, start, scanned, h, body, remat=self.remat)
         extras = []
         if return_last_qk:
             h, (q, k, v) = layer_at(self.layers, stop - 1)(h, cos, sin, bias)

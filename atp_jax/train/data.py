@@ -41,9 +41,11 @@ def prepare(config) -> Data:
             multihost_utils.sync_global_devices("synthetic data ready")
         data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes)
     else:
-        if not d.tokenizer:
-            raise ValueError(f"data.tokenizer: give the tokenizer directory for source {d.source!r}")
-        data_dir, tokenizer_dir = Path(d.data_dir), Path(d.tokenizer)
+        tokenizer_dir = d.tokenizer or config.model.init_from  # a converted checkpoint carries its tokenizer
+        if not tokenizer_dir or not d.data_dir:
+            raise ValueError(f"source {d.source!r} needs data.data_dir (its prepared TFDS directory) and a tokenizer "
+                             "(data.tokenizer, or one beside model.init_from)")
+        data_dir, tokenizer_dir = Path(d.data_dir), Path(tokenizer_dir)
     sources = {"train": tfds.data_source(d.source, split=d.train_split, data_dir=str(data_dir))}
     if d.eval_split:
         sources["eval"] = tfds.data_source(d.source, split=d.eval_split, data_dir=str(data_dir))

@@ -42,14 +42,16 @@ class TrainingError(RuntimeError):
 
 def build_model(config, vocab_size: int, image_token_id: int) -> PrunedLlava:
     """The PrunedLlava to train: from `model.init_from` (a converted checkpoint) or fresh at the config's size."""
-    policy = DtypePolicy(param_dtype=jnp.float32, dtype=jnp.dtype(config.model.dtype))
+    policy = DtypePolicy(param_dtype=jnp.float32, dtype=jnp.dtype(config.model.dtype))  # float32 master weights
     if config.model.init_from:
         from atp_jax.convert.checkpoint import load_pretrained
 
-        llava, cfg = load_pretrained(config.model.init_from)
-        if config.model.dtype != "float32":
-            llava = LlavaForConditionalGeneration(cfg, policy=policy, rngs=nnx.Rngs(0))
-            nnx.update(llava, nnx.state(load_pretrained(config.model.init_from)[0]))
+        stored, cfg = load_pretrained(config.model.init_from, dtype="float32")
+        llava = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, policy=policy, rngs=nnx.Rngs(0)))
+        nnx.update(llava, nnx.state(stored))
+    elif config.model.preset:
+        raise ValueError(f"model.init_from: a converted checkpoint is needed for preset {config.model.preset!r} "
+                         "(see README: converting LLaVA-1.5)")
     else:
         vision = VisionConfig(**config.model.vision.to_dict())
         text = TextConfig(vocab_size=math.ceil(vocab_size / 64) * 64, **config.model.text.to_dict())
@@ -58,20 +60,21 @@ def build_model(config, vocab_size: int, image_token_id: int) -> PrunedLlava:
         llava = LlavaForConditionalGeneration(cfg, policy=policy, rngs=nnx.Rngs(config.seed))
     pruning = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.pruning.to_dict().items()}
     pcfg = PruningConfig(mode="soft", **pruning)
+    llava.language_model.remat = bool(config.model.remat)
     return PrunedLlava(llava, pcfg, rngs=nnx.Rngs(config.seed + 1))
 
 
 def optim_config(config) -> OptimConfig:
+    """Parameter groups from the config's learning rates; a rate of 0 freezes its group (no optimizer state)."""
     o = config.optim
-    groups = [("atp", o.atp_lr, (r"^thresholds/",)), ("llm", o.lr, (r"language_model/", r"multi_modal_projector/"))]
-    frozen = ()
-    if o.vision_lr > 0:
-        groups.append(("vision", o.vision_lr, (r"vision_tower/",)))
-    else:
-        frozen = (r"vision_tower/",)
+    projector_lr = o.lr if o.projector_lr < 0 else o.projector_lr
+    rates = [("atp", o.atp_lr, r"^thresholds/"), ("llm", o.lr, r"language_model/"),
+             ("projector", projector_lr, r"multi_modal_projector/"), ("vision", o.vision_lr, r"vision_tower/")]
+    groups = tuple((name, lr, (pattern,)) for name, lr, pattern in rates if lr > 0)
+    frozen = tuple(pattern for _, lr, pattern in rates if lr <= 0)
     return OptimConfig(total_steps=config.total_steps, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
                        weight_decay=o.weight_decay, clip_norm=o.clip_norm, accumulation_steps=o.accumulation_steps,
-                       groups=tuple(groups), frozen=frozen)
+                       groups=groups, frozen=frozen)
 
 
 def step_flops(cfg: LlavaConfig, seq_len: int, avg_visual: float, batch: int) -> float:

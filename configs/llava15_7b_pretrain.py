@@ -1,0 +1,16 @@
+"""LLaVA-1.5-7B pretrain: see configs/llava15.py for the recipe.
+
+  python launch/train.py --config configs/llava15_7b_pretrain.py --workdir /shared/runs/llava15_7b_pretrain \
+      --config.model.init_from=CONVERTED_CHECKPOINT --config.data.data_dir=TFDS_DIR
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from configs.llava15 import llava15  # noqa: E402
+
+
+def get_config():
+    return llava15("7b", "pretrain")
