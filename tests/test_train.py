@@ -144,3 +144,38 @@ def test_two_processes_give_the_single_process_losses(cache, single_device, tmp_
         assert proc.returncode == 0, err[-3000:]
     got = losses(tmp_path)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [single_device[s] for s in sorted(got)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_restores_onto_another_mesh(cache, single_device, tmp_path):
+    from atp_jax.train.trainer import train
+
+    train(small_config(cache, total_steps=2, checkpoint_every=2, **{"mesh.data": 8}), tmp_path)
+    train(small_config(cache, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), tmp_path)  # resumes at 2
+    got = losses(tmp_path)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [single_device[s] for s in sorted(got)], rtol=1e-5)
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(cache, tmp_path):
+    from atp_jax.train.trainer import TrainingError, train
+
+    config = small_config(cache, total_steps=12, checkpoint_every=1, max_bad_steps=3, log_every=1,
+                          **{"optim.lr": 1e30, "optim.atp_lr": 1e30, "optim.vision_lr": 1e30, "optim.clip_norm": 0.0,
+                             "optim.warmup_ratio": 0.0})
+    with pytest.raises(TrainingError, match="3 consecutive steps"):
+        train(config, tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["finite"] == 1 and lines[-1]["finite"] == 0 and lines[-1]["skipped_steps"] >= 1
+    from atp_jax.train import checkpointing
+
+    with checkpointing.manager(tmp_path / "checkpoints", 1, 2) as manager:  # the checkpoints hold finite params
+        step = manager.latest_step()
+        restored = manager.restore(step, args=checkpointing.ocp.args.Composite(
+            state=checkpointing.ocp.args.StandardRestore()))["state"]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax_leaves(restored["params"]))
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
