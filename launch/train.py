@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "tiny_synthetic.py"),
@@ -48,6 +49,7 @@ def main(argv) -> None:
     from atp_jax.train.trainer import TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax narrates every checkpoint at INFO
     workdir = _WORKDIR.value or str(Path("workdir") / Path(flags.FLAGS["config"].config_filename).stem)
     if jax.process_index() == 0:
         print(f"jax {jax.__version__}, {jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} "

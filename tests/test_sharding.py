@@ -14,8 +14,7 @@ import atp_jax
 from atp_jax import LlavaConfig, LlavaForConditionalGeneration
 from atp_jax.pruning.config import PruningConfig
 from atp_jax.pruning.engine import PrunedLlava
-from atp_jax.testing.reference import random_inputs
-from atp_jax.train.sharding import (
+from atp_jax.sharding import (
     DEFAULT_RULES,
     batch_sharding,
     global_batch,
@@ -27,6 +26,7 @@ from atp_jax.train.sharding import (
     sharded_init,
     use_mesh,
 )
+from atp_jax.testing.reference import random_inputs
 
 # Every sharded size even: vocab 160, widths 64/32, mlp 128/64, kv 2 x 16.
 CFG = LlavaConfig.tiny()

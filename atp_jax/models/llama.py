@@ -17,6 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from atp_jax.models.common import NEG_INF, DtypePolicy, attention, dense, layer_at, scan_layers, stack_layers
 from atp_jax.models.config import ConfigError, TextConfig
+from atp_jax.sharding import shard
 
 # ---- pure helpers ------------------------------------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class LlamaDecoder(nnx.Module):
         cos, sin = rope_cos_sin(self.cfg, positions)
 
         def body(layer, x):
-            x, (_, k, v) = layer(x, cos, sin, bias)
+            x, (_, k, v) = layer(shard(x, "batch", "sequence", "embed"), cos, sin, bias)
             return x, ((k, v) if return_kv else None)
 
         scanned = stop - 1 if return_last_qk else stop

@@ -7,6 +7,7 @@ metrics, periodic evaluation and checkpoints -> a final checkpoint. SIGTERM (TPU
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -27,10 +28,10 @@ from atp_jax.models.llava import LlavaForConditionalGeneration
 from atp_jax.pruning.accounting import prefill_flops
 from atp_jax.pruning.config import PruningConfig
 from atp_jax.pruning.engine import PrunedLlava
+from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, shard_state, tree_shardings, use_mesh
 from atp_jax.train import checkpointing, data
 from atp_jax.train.metrics import MetricWriter, Progress, peak_flops_per_device
 from atp_jax.train.optim import OptimConfig, learning_rates, make_optimizer
-from atp_jax.train.sharding import DEFAULT_RULES, global_batch, make_mesh, shard_state, tree_shardings
 from atp_jax.train.step import TrainState, eval_step, train_step
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def train(config, workdir: str | Path) -> dict:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ocfg = optim_config(config)
     tx = make_optimizer(ocfg, params)
+
     def counter():  # on the mesh like the rest; one buffer each, since the step donates them
         return jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, P()))
 
@@ -130,21 +132,26 @@ def train(config, workdir: str | Path) -> dict:
     if is_main:
         log.info("model: %s; mesh %s; resuming at step %d", cfg.text, dict(mesh.shape), start)
 
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx), donate_argnums=0)
+    # The state keeps its shardings from step to step (donated in place); batches come placed by global_batch.
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(functools.partial(train_step, graphdef, tx), donate_argnums=0,
+                      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
     eval_fn = jax.jit(functools.partial(eval_step, graphdef))
     preempted = {"flag": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
     progress = Progress(config.total_steps, initial_step=start, is_main=is_main)
     peak = peak_flops_per_device()
     last: dict = {}
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(use_mesh(mesh, DEFAULT_RULES))  # activation sharding constraints while tracing
         window_start, window_steps = time.perf_counter(), 0
         for step in range(start, config.total_steps):
             batch = global_batch(model_inputs(next(iterator)), mesh)
             state, metrics = step_fn(state, batch)
             window_steps += 1
             done = step + 1
-            if int(state.bad_steps) >= config.max_bad_steps:
+            if int(state.bad_steps) >= config.max_bad_steps:  # a host sync per step: cheap next to a step here
                 raise TrainingError(f"{config.max_bad_steps} consecutive steps with a non-finite loss or gradient "
                                     f"(step {done}); the last good checkpoint is kept in {workdir / 'checkpoints'}")
             if done % config.log_every == 0 or done == config.total_steps:
@@ -155,7 +162,8 @@ def train(config, workdir: str | Path) -> dict:
                 last = {k: float(v) for k, v in metrics.items()} | {
                     "step_time_s": elapsed, "tokens_per_s": config.batch_size * seq / elapsed,
                     "skipped_steps": int(state.skipped)}
-                last |= {f"lr_{k}": v for k, v in learning_rates(ocfg, step).items()}
+                updates = step // config.optim.accumulation_steps  # the schedule counts optimizer updates
+                last |= {f"lr_{k}": v for k, v in learning_rates(ocfg, updates).items()}
                 if peak:
                     last["mfu"] = flops / elapsed / (peak * jax.device_count())
                 writer.write(done, last)
@@ -171,6 +179,7 @@ def train(config, workdir: str | Path) -> dict:
         checkpointing.save_now(manager, int(state.step), state, iterator)
         log.warning("SIGTERM: saved step %d and stopped", int(state.step))
     finally:
+        stack.close()
         signal.signal(signal.SIGTERM, previous)
         manager.wait_until_finished()
         manager.close()
