@@ -4,8 +4,11 @@ Stage 1 (pretrain): the projector alone on LLaVA-Pretrain captions (`plain`), lr
 Stage 2 (finetune): LLM + projector on LLaVA-Instruct 665K (`vicuna_v1`), lr 2e-5, batch 128, 1 epoch.
 ATP: from a converted LLaVA-1.5 checkpoint, LLM + projector (2e-5) + ATP modules (1e-4) in soft mode with the
 budget losses, vision tower frozen, batch 128, cosine with 3% warm-up, 1 epoch.
-Set `model.init_from` (a converted checkpoint), `data.data_dir` (TFDS data prepared from local files) and
-`data.tokenizer` (the checkpoint's own by default) on the command line.
+Set `model.init_from`, `data.data_dir` (TFDS data from `launch/prepare_data.py`) and `data.tokenizer` (the
+checkpoint's own by default) on the command line. `model.init_from` for each stage:
+  pretrain  `launch/convert.py assemble --src vicuna-7b-v1.5 --vision-src clip-vit-large-patch14-336 --dst D`
+  finetune  the pretrain run's WORKDIR/model
+  atp       the finetune run's WORKDIR/model, or a converted released LLaVA-1.5 (`launch/convert.py hf-to-jax`)
 """
 
 import math

@@ -2,6 +2,7 @@
 
   python launch/convert.py hf-to-jax --src HF_DIR --dst OUT_DIR [--dtype float32|bfloat16] [--vision-src CLIP_DIR]
   python launch/convert.py jax-to-hf --src OUT_DIR --dst HF_DIR
+  python launch/convert.py assemble --src VICUNA_DIR --vision-src CLIP_DIR --dst OUT_DIR   # stage-1 start
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atp_jax.convert.checkpoint import read_converted, save_converted  # noqa: E402
 from atp_jax.convert.exporter import write_hf  # noqa: E402
-from atp_jax.convert.importer import convert_hf, flatten, unflatten  # noqa: E402
+from atp_jax.convert.importer import assemble, convert_hf, flatten, unflatten  # noqa: E402
 from atp_jax.convert.readers import CheckpointError  # noqa: E402
 from atp_jax.models.config import ConfigError  # noqa: E402
 
@@ -24,6 +25,13 @@ def hf_to_jax(args) -> str:
     cfg, flat, summary = convert_hf(args.src, args.dtype, args.vision_src, progress=not args.quiet)
     save_converted(args.dst, cfg, unflatten(flat), sidecars_from=Path(args.src), overwrite=args.overwrite)
     return str(summary)
+
+
+def assemble_llava(args) -> str:
+    cfg, flat, summary = assemble(args.src, args.vision_src, args.projector, args.dtype, args.seed,
+                                  progress=not args.quiet)
+    save_converted(args.dst, cfg, unflatten(flat), sidecars_from=Path(args.src), overwrite=args.overwrite)
+    return f"{summary}; projector {args.projector} initialised (seed {args.seed})"
 
 
 def jax_to_hf(args) -> str:
@@ -46,7 +54,14 @@ def main(argv=None) -> int:
     b.add_argument("--src", required=True)
     b.add_argument("--dst", required=True)
     b.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
-    for p in (a, b):
+    c = sub.add_parser("assemble", help="LLaMA/Vicuna + CLIP checkpoints -> atp_jax LLaVA with a fresh projector")
+    c.add_argument("--src", required=True, help="LLaMA/Vicuna checkpoint directory (LlamaForCausalLM)")
+    c.add_argument("--vision-src", required=True, help="CLIP checkpoint directory (CLIPModel or CLIPVisionModel)")
+    c.add_argument("--dst", required=True)
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--projector", default="mlp2x_gelu", choices=["mlp2x_gelu", "linear"])
+    c.add_argument("--seed", type=int, default=0, help="projector initialisation")
+    for p in (a, b, c):
         p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -56,7 +71,7 @@ def main(argv=None) -> int:
         return 1
     start = time.perf_counter()
     try:
-        message = (hf_to_jax if args.command == "hf-to-jax" else jax_to_hf)(args)
+        message = {"hf-to-jax": hf_to_jax, "jax-to-hf": jax_to_hf, "assemble": assemble_llava}[args.command](args)
     except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,7 +13,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from atp_jax import forward, load_pretrained
-from atp_jax.convert.importer import convert_hf
+from atp_jax.convert.checkpoint import read_converted
+from atp_jax.convert.importer import convert_hf, flatten
+from atp_jax.convert.readers import CheckpointError
 from atp_jax.testing.reference import hf_logits, random_inputs
 from launch.convert import main as convert_main
 
@@ -307,3 +309,31 @@ def test_load_pretrained_on_a_directory_without_checkpoint(tmp_path):
 
     with pytest.raises(CheckpointError, match="neither a converted atp_jax directory"):
         load_pretrained(tmp_path)
+
+
+def test_assemble_a_stage_one_start_from_llama_and_clip(tiny_hf, tiny_cfg, tmp_path, capsys):
+    """Vicuna + CLIP -> LLaVA with a fresh projector: LLM and vision weights exactly the sources'."""
+    directory, _ = tiny_hf
+    tensors = read_tensors(directory)
+    llama = rename({k: v for k, v in tensors.items() if k.startswith("language_model.")}, TO_ORIGINAL)
+    write_dir(tmp_path / "vicuna", llama, {**tiny_cfg.to_hf_dict()["text_config"], "model_type": "llama",
+                                           "architectures": ["LlamaForCausalLM"]})
+    write_clip_dir(tmp_path / "clip", tensors, tiny_cfg)
+    assert convert_main(["assemble", "--src", str(tmp_path / "vicuna"), "--vision-src", str(tmp_path / "clip"),
+                         "--dst", str(tmp_path / "stage1"), "--quiet"]) == 0
+    assert "projector mlp2x_gelu initialised" in capsys.readouterr().out
+    model, cfg = load_pretrained(tmp_path / "stage1")
+    assert cfg.image_token_index == cfg.text.vocab_size and cfg.num_image_tokens == tiny_cfg.num_image_tokens
+    _, reference, _ = convert_hf(directory)
+    _, params = read_converted(tmp_path / "stage1")
+    flat = flatten(params)
+    for k, v in reference.items():
+        if k.startswith("multi_modal_projector."):
+            assert flat[k].shape == v.shape and np.isfinite(np.asarray(flat[k])).all()
+            assert not np.array_equal(np.asarray(flat[k]), np.asarray(v))  # fresh, not copied
+        else:
+            np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v), err_msg=k)
+    with pytest.raises(CheckpointError, match="LLaMA"):
+        from atp_jax.convert.importer import assemble
+
+        assemble(directory, tmp_path / "clip")  # a LLaVA directory is not a LLaMA checkpoint

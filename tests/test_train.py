@@ -179,3 +179,26 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def test_the_trained_model_is_exported_for_inference_and_the_next_stage(cache, tmp_path):
+    import jax.numpy as jnp
+
+    from atp_jax import load_pretrained
+    from atp_jax.pruning.checkpoint import load_pruned
+    from atp_jax.testing.reference import random_inputs
+    from atp_jax.train.trainer import train
+
+    train(small_config(cache, total_steps=2), tmp_path / "stage")
+    model, cfg = load_pretrained(tmp_path / "stage" / "model")
+    pruned, trained = load_pruned(tmp_path / "stage" / "model", model, mode="masked")
+    assert trained and pruned.module_layers == (0,)
+    assert (tmp_path / "stage" / "model" / "tokenizer.model").is_file()
+    ids, pixels = (jnp.asarray(x) for x in random_inputs(cfg, 1, 6))
+    assert np.isfinite(np.asarray(pruned(ids, pixels).logits)).all()
+    # The next stage starts from it: its first loss is the trained model's, not a fresh one's.
+    fresh = small_config(cache, total_steps=1, log_every=1)
+    chained = small_config(cache, total_steps=1, log_every=1, **{"model.init_from": str(tmp_path / "stage" / "model")})
+    train(fresh, tmp_path / "fresh")
+    train(chained, tmp_path / "chained")
+    assert losses(tmp_path / "chained")[1] < losses(tmp_path / "fresh")[1]

@@ -120,7 +120,8 @@ def read_converted(path: str | Path, param_dtype=None) -> tuple[LlavaConfig, dic
         meta = checkpointer.metadata(path / PARAMS_DIR).item_metadata.tree
     except Exception as e:
         raise CheckpointError(f"{path / PARAMS_DIR}: not a readable orbax checkpoint ({e})") from e
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, param_dtype or m.dtype), meta)
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # however it was saved (e.g. sharded by training)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, param_dtype or m.dtype, sharding=one_device), meta)
     try:
         return cfg, checkpointer.restore(path / PARAMS_DIR, target)
     except Exception as e:

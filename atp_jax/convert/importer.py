@@ -12,11 +12,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from atp_jax.convert import keys as K
-from atp_jax.convert.configs import checkpoint_config
+from atp_jax.convert.configs import checkpoint_config, clip_vision_config, read_json
 from atp_jax.convert.readers import CheckpointError, TensorSource, open_checkpoint
 from atp_jax.models.common import DtypePolicy
-from atp_jax.models.config import LlavaConfig
+from atp_jax.models.config import LlavaConfig, text_from_hf_dict
 from atp_jax.models.llava import LlavaForConditionalGeneration
+from atp_jax.models.projector import Projector
 
 # One checkpoint to read: its tensors, compiled rules [(regex, Rule, prefix)], and key patterns it may skip.
 Part = tuple[TensorSource, list, tuple[str, ...]]
@@ -132,6 +133,15 @@ def convert_hf(src: str | Path, param_dtype="float32", vision_src: str | Path | 
     cfg, layout, parts = read_hf(src, vision_src)
     targets = target_shapes(cfg, jax.numpy.dtype(param_dtype))
     assignments, skipped = plan(parts, targets)
+    out = fill(parts, assignments, targets, progress)
+    n = sum(v.size for v in out.values())
+    summary = ImportSummary(layout, len(assignments), skipped, n, sum(v.nbytes for v in out.values()),
+                            jax.numpy.dtype(param_dtype).name)
+    return cfg, out, summary
+
+
+def fill(parts: list[Part], assignments: list[Assignment], targets: dict, progress: bool) -> dict[str, jax.Array]:
+    """Every target allocated once and filled tensor by tensor from its sources, then moved into JAX buffers."""
     out = {path: np.empty(t.shape, t.dtype) for path, t in targets.items()}
     bar = tqdm(total=len(assignments), desc="converting", unit="tensor", disable=not progress)
     for source, _, _ in parts:
@@ -147,9 +157,36 @@ def convert_hf(src: str | Path, param_dtype="float32", vision_src: str | Path | 
     bar.close()
     for path in list(out):  # into JAX-owned buffers one leaf at a time: the peak stays the model plus one leaf
         out[path] = jax.device_put(out[path], may_alias=False).block_until_ready()
+    return out
+
+
+def assemble(llm_src: str | Path, vision_src: str | Path, projector_type: str = "mlp2x_gelu",
+             param_dtype="float32", seed: int = 0, progress: bool = False
+             ) -> tuple[LlavaConfig, dict[str, jax.Array], ImportSummary]:
+    """A LLaVA to start stage 1 from, as LLaVA-1.5 does: the LLM from a LLaMA/Vicuna checkpoint
+    (`LlamaForCausalLM` layout), the vision tower from a CLIP checkpoint, the projector freshly initialised
+    (`seed`). `<image>` takes the first id past the LLM's vocabulary, as for original LLaVA checkpoints."""
+    llm_src, vision_src = Path(llm_src), Path(vision_src)
+    d = read_json(llm_src / "config.json")
+    if d.get("model_type") != "llama":
+        raise CheckpointError(f"{llm_src}: model_type {d.get('model_type')!r}, expected a LLaMA/Vicuna checkpoint")
+    vision = clip_vision_config(vision_src)
+    text = text_from_hf_dict(d)
+    cfg = LlavaConfig(vision=vision, text=text, image_token_index=text.vocab_size,
+                      image_seq_length=vision.num_patches, projector_type=projector_type)
+    llm_rules = [(r"model\.", r) for r in K.LLM]
+    llm_rules += [] if text.tie_word_embeddings else [(r"lm_head\.", r) for r in K.HEAD]
+    parts = [(open_checkpoint(llm_src), K.compile_rules(llm_rules), K.BUFFERS),
+             (open_checkpoint(vision_src), K.compile_rules([(K.CLIP_VISION_PREFIX, r) for r in K.VISION]),
+              K.BUFFERS + K.CLIP_NON_VISION)]
+    dtype = jax.numpy.dtype(param_dtype)
+    targets = {p: t for p, t in target_shapes(cfg, dtype).items() if not p.startswith("multi_modal_projector.")}
+    assignments, skipped = plan(parts, targets)
+    out = fill(parts, assignments, targets, progress)
+    projector = Projector(cfg, DtypePolicy(dtype, dtype), nnx.Rngs(seed))
+    out |= {f"multi_modal_projector.{k}": v for k, v in flatten(nnx.to_pure_dict(nnx.state(projector))).items()}
     n = sum(v.size for v in out.values())
-    summary = ImportSummary(layout, len(assignments), skipped, n, sum(v.nbytes for v in out.values()),
-                            jax.numpy.dtype(param_dtype).name)
+    summary = ImportSummary("llama+clip", len(assignments), skipped, n, sum(v.nbytes for v in out.values()), dtype.name)
     return cfg, out, summary
 
 

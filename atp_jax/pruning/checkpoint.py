@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 from atp_jax.pruning.config import PruningConfig
@@ -74,7 +75,10 @@ def load_pruned(directory: str | Path, llava, rngs: nnx.Rngs | None = None, **ov
                and (directory / PARAMS_DIR).is_dir())
     if trained:
         state = nnx.state(model.thresholds)
-        restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, nnx.to_pure_dict(state))
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
+                              nnx.to_pure_dict(state))
+        restored = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, target)
         nnx.replace_by_pure_dict(state, restored)
         nnx.update(model.thresholds, state)
     return model, trained

@@ -2,7 +2,9 @@
 
 Data -> model (fresh or from a converted checkpoint) placed on the mesh -> optimizer -> resume from the
 latest complete checkpoint (parameters, optimizer, step, data iterator) -> jitted, donated train steps ->
-metrics, periodic evaluation and checkpoints -> a final checkpoint. SIGTERM (TPU preemption) saves and exits.
+metrics, periodic evaluation and checkpoints -> a final checkpoint and the trained model exported to
+`WORKDIR/model` (a converted checkpoint with its tokenizer and pruning modules). SIGTERM (TPU preemption)
+saves and exits.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from atp_jax.pruning.config import PruningConfig
 from atp_jax.pruning.engine import PrunedLlava
 from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, shard_state, tree_shardings, use_mesh
 from atp_jax.train import checkpointing, data
+from atp_jax.train.export import export_model
 from atp_jax.train.metrics import MetricWriter, Progress, peak_flops_per_device
 from atp_jax.train.optim import OptimConfig, learning_rates, make_optimizer
 from atp_jax.train.step import TrainState, eval_step, train_step
@@ -175,6 +178,8 @@ def train(config, workdir: str | Path) -> dict:
             if preempted["flag"]:
                 raise Preempted
         checkpointing.save_now(manager, int(state.step), state, iterator)
+        nnx.update(model, state.params, state.rest)
+        export_model(workdir / "model", model, ds.tokenizer_dir)
     except Preempted:
         checkpointing.save_now(manager, int(state.step), state, iterator)
         log.warning("SIGTERM: saved step %d and stopped", int(state.step))
