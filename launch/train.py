@@ -46,7 +46,7 @@ def main(argv) -> None:
     initialize_distributed(config)
     import jax
 
-    from atp_jax.train.trainer import TrainingError, train
+    from atp_jax.train.trainer import SetupError, TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax narrates every checkpoint at INFO
@@ -56,7 +56,10 @@ def main(argv) -> None:
               f"device(s); workdir {workdir}")
     try:
         last = train(config, workdir)
-    except TrainingError as e:
+    except SetupError as e:  # the config asks for what is not there: no traceback, status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as e:  # the run itself failed (e.g. too many non-finite steps)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() == 0 and last:

@@ -96,11 +96,11 @@ class LlavaInstruct(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         root = dl_manager.manual_dir
-        return {"train": llava_examples(root / self.builder_config.annotation, root / self.builder_config.image_dir,
-                                        SkipReport())}
+        return {"train": self._generate_examples(root / self.builder_config.annotation,
+                                                 root / self.builder_config.image_dir)}
 
-    def _generate_examples(self):  # the generators come from _split_generators
-        raise NotImplementedError
+    def _generate_examples(self, annotation, image_root):
+        yield from llava_examples(annotation, image_root, SkipReport())
 
 
 class LlavaPretrain(LlavaInstruct):

@@ -46,6 +46,8 @@ def prepare(config) -> Data:
             raise ValueError(f"source {d.source!r} needs data.data_dir (its prepared TFDS directory) and a tokenizer "
                              "(data.tokenizer, or one beside model.init_from)")
         data_dir, tokenizer_dir = Path(d.data_dir), Path(tokenizer_dir)
+        if not (data_dir / d.source).is_dir():  # tfds would try to build it, and fail on the missing manual_dir
+            raise FileNotFoundError(f"no prepared dataset {d.source!r} in {data_dir}: run launch/prepare_data.py")
     sources = {"train": tfds.data_source(d.source, split=d.train_split, data_dir=str(data_dir))}
     if d.eval_split:
         sources["eval"] = tfds.data_source(d.source, split=d.eval_split, data_dir=str(data_dir))

@@ -41,7 +41,11 @@ log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    pass
+    """The run failed (e.g. too many non-finite steps in a row)."""
+
+
+class SetupError(ValueError):
+    """The config cannot be run as given (missing checkpoint or data, a mesh that does not fit the devices...)."""
 
 
 def build_model(config, vocab_size: int, image_token_id: int) -> PrunedLlava:
@@ -104,11 +108,17 @@ def train(config, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
-    ds = data.prepare(config)
-    model = build_model(config, len(ds.tokenizer), ds.image_token_id)
+    from atp_jax.convert.readers import CheckpointError
+    from atp_jax.data.tokenizer import TokenizerError
+
+    try:
+        ds = data.prepare(config)
+        model = build_model(config, len(ds.tokenizer), ds.image_token_id)
+        m = config.mesh
+        mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[:m.devices] if m.devices else None)
+    except (ValueError, FileNotFoundError, CheckpointError, TokenizerError) as e:
+        raise SetupError(f"{type(e).__name__}: {e}") from e
     cfg = model.llava.config
-    m = config.mesh
-    mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=jax.devices()[:m.devices] if m.devices else None)
     shard_state(model, mesh, DEFAULT_RULES)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ocfg = optim_config(config)
