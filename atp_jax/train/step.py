@@ -65,7 +65,7 @@ def train_step(graphdef, tx: optax.GradientTransformation, state: TrainState, ba
         return model_loss(nnx.merge(graphdef, params, state.rest), batch)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
