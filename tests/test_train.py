@@ -202,3 +202,43 @@ def test_the_trained_model_is_exported_for_inference_and_the_next_stage(cache, t
     train(fresh, tmp_path / "fresh")
     train(chained, tmp_path / "chained")
     assert losses(tmp_path / "chained")[1] < losses(tmp_path / "fresh")[1]
+
+
+def test_frozen_parameters_get_no_backward_pass():
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from atp_jax import LlavaConfig, LlavaForConditionalGeneration
+    from atp_jax.pruning.config import PruningConfig
+    from atp_jax.pruning.engine import PrunedLlava
+    from atp_jax.testing.reference import random_inputs
+    from atp_jax.train.optim import FROZEN, OptimConfig, label_of, make_optimizer, map_paths
+    from atp_jax.train.step import TrainState, train_step
+
+    cfg = LlavaConfig.tiny()
+    model = PrunedLlava(LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)),
+                        PruningConfig(mode="soft", atp_layers=(0, 1, 2)), rngs=nnx.Rngs(1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ocfg = OptimConfig(total_steps=10, groups=(("all", 1e-3, (r".*",)),), frozen=(r"vision_tower/",))
+    tx = make_optimizer(ocfg, params)
+    ids, pixels = (jnp.asarray(x) for x in random_inputs(cfg, 2, 6))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": jnp.ones_like(ids, bool), "pixel_values": pixels}
+    state = TrainState(params, rest, tx.init(params), jnp.int32(0), jnp.int32(0), jnp.int32(0))
+    frozen = map_paths(lambda path: label_of(path, ocfg) == FROZEN, params)
+
+    def flops(mask):
+        step = jax.jit(functools.partial(train_step, graphdef, tx, frozen=mask))
+        return step.lower(state, batch).compile().cost_analysis()["flops"], step(state, batch)
+
+    (with_mask, (new, m1)), (without, (_, m2)) = flops(frozen), flops(None)
+    from atp_jax.pruning.accounting import vision_flops
+
+    # The vision tower's backward is gone: at least one vision forward's worth of FLOPs saved (a backward is ~2x).
+    assert without - with_mask > 2 * vision_flops(cfg.vision, max(cfg.feature_layers))
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    before, after = nnx.to_pure_dict(params), nnx.to_pure_dict(new.params)
+    np.testing.assert_array_equal(after["llava"]["vision_tower"]["pre_layrnorm"]["scale"],
+                                  before["llava"]["vision_tower"]["pre_layrnorm"]["scale"])

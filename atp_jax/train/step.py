@@ -56,12 +56,18 @@ def model_loss(model, batch: dict) -> tuple[Float[Array, ""], dict]:
     return total, metrics
 
 
-def train_step(graphdef, tx: optax.GradientTransformation, state: TrainState, batch: dict
+def train_step(graphdef, tx: optax.GradientTransformation, state: TrainState, batch: dict, frozen=None
                ) -> tuple[TrainState, dict]:
     """One update. A non-finite loss or gradient leaves params and optimizer state unchanged and counts the
-    step in `bad_steps` (reset by the next good step) and `skipped`."""
+    step in `bad_steps` (reset by the next good step) and `skipped`.
+
+    `frozen`: a tree of bools, one per parameter (a prefix of `state.params`): frozen parameters enter the
+    loss through stop_gradient, so no backward pass runs for them (nor through the frozen vision tower at all).
+    """
 
     def loss_fn(params):
+        if frozen is not None:
+            params = jax.tree.map(lambda f, v: jax.tree.map(jax.lax.stop_gradient, v) if f else v, frozen, params)
         return model_loss(nnx.merge(graphdef, params, state.rest), batch)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -34,7 +34,7 @@ from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, shard_state
 from atp_jax.train import checkpointing, data
 from atp_jax.train.export import export_model
 from atp_jax.train.metrics import MetricWriter, Progress, peak_flops_per_device
-from atp_jax.train.optim import OptimConfig, learning_rates, make_optimizer
+from atp_jax.train.optim import FROZEN, OptimConfig, label_of, learning_rates, make_optimizer, map_paths
 from atp_jax.train.step import TrainState, eval_step, train_step
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ def train(config, workdir: str | Path) -> dict:
 
     # The state keeps its shardings from step to step (donated in place); batches come placed by global_batch.
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx), donate_argnums=0,
+    frozen = map_paths(lambda path: label_of(path, ocfg) == FROZEN, params)
+    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, frozen=frozen), donate_argnums=0,
                       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
     eval_fn = jax.jit(functools.partial(eval_step, graphdef))
     preempted = {"flag": False}
