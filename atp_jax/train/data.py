@@ -34,12 +34,13 @@ def prepare(config) -> Data:
         shapes = dataclasses.replace(synthetic.ShapesConfig(), image_size=config.model.vision.image_size,
                                      train_size=d.shapes_train_size)
         if jax.process_index() == 0:
-            shapes_data(cache_dir(config), shapes)
+            data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("synthetic data ready")
-        data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes)
+            if jax.process_index() != 0:  # now only reads what process 0 wrote
+                data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes)
     else:
         tokenizer_dir = d.tokenizer or config.model.init_from  # a converted checkpoint carries its tokenizer
         if not tokenizer_dir or not d.data_dir:
