@@ -21,6 +21,7 @@ SAMPLES = {"pretrain": 558_128, "finetune": 665_298, "atp": 665_298}
 def llava15(size: str, stage: str):
     c = tiny_synthetic()
     c.model.preset = f"llava15_{size}"
+    c.stages = ()  # one run, not the tiny chain
     c.model.init_from = ""  # required: a converted checkpoint (launch/convert.py hf-to-jax) on a shared disk
     c.model.dtype = "bfloat16"
     c.model.remat = True

@@ -12,7 +12,7 @@ def get_config() -> ConfigDict:
     c.total_steps = 300
     c.batch_size = 16  # global: split over processes, then sharded over the mesh's data and fsdp axes
     c.log_every = 10
-    c.eval_every = 100
+    c.eval_every = 0  # steps between eval-split losses (0: none; the main job's report evaluates at the end)
     c.eval_batches = 4
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
@@ -31,7 +31,7 @@ def get_config() -> ConfigDict:
     c.pruning = ConfigDict()
     c.pruning.method = "atp"
     c.pruning.atp_layers = (0, 1, 2)
-    c.pruning.target_ratio = 0.25
+    c.pruning.target_ratio = 0.3
     c.pruning.temperature = 10.0
     c.pruning.lambda_atp = 0.05
     c.pruning.lambda_target = 1.0
@@ -43,11 +43,12 @@ def get_config() -> ConfigDict:
     c.data.tokenizer = ""  # tokenizer directory for other sources
     c.data.template = "vicuna_v1"
     c.data.image_mode = "pad"
-    c.data.max_length = 256
+    c.data.max_length = 208  # 144 image tokens + the longest vicuna_v1 question and answer (199)
     c.data.train_split = "train"
     c.data.eval_split = "val"
     c.data.worker_count = 0
-    c.data.shapes_train_size = 20000
+    c.data.shapes = ConfigDict()  # ShapesConfig fields to change (atp_jax/data/synthetic.py), e.g. max_objects=3
+    c.data.shapes_train_size = 8000  # per config (vqa, multi, caption); the chain reads at most 6400 of each
 
     c.optim = ConfigDict()
     # Learning rates per parameter group; 0 freezes the group (no optimizer state is kept for it).
@@ -63,4 +64,25 @@ def get_config() -> ConfigDict:
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: use the first N (0: all)
     c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
+
+    # The main job runs LLaVA-1.5's chain at tiny scale, each stage in WORKDIR/<stage>, each from the model the
+    # stage before it exported, then the comparison report. Nothing is pretrained here, so the tiny chain trains
+    # every part in stages 1 and 2 (LLaVA-1.5 trains only the projector in stage 1, and never the vision tower).
+    c.stages = ("pretrain", "finetune", "atp")
+    c.stage_overrides = ConfigDict()
+    c.stage_overrides.pretrain = ConfigDict(dict(
+        total_steps=300,
+        pruning=dict(method="none"),
+        data=dict(source="shapes_vqa/caption", template="plain"),
+        optim=dict(lr=3e-3, atp_lr=0.0, vision_lr=3e-3)))
+    c.stage_overrides.finetune = ConfigDict(dict(
+        total_steps=400,
+        pruning=dict(method="none"),
+        data=dict(source="shapes_vqa/multi", max_length=248),  # 4 questions per image (LLaVA-Instruct style)
+        optim=dict(lr=1e-3, atp_lr=0.0, vision_lr=1e-3)))
+    c.stage_overrides.atp = ConfigDict(dict(
+        total_steps=200,
+        pruning=dict(method="atp"),
+        optim=dict(lr=2e-4, atp_lr=1e-3, vision_lr=0.0)))  # as the paper: LLM + projector + ATP, vision frozen
+    c.report = ConfigDict(dict(enabled=True, test_size=1000, batch_size=50, timing_batch=16, visualizations=4))
     return c

@@ -19,14 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atp_jax.infer.generate import Sampling  # noqa: E402
-from atp_jax.infer.runner import DTYPES, MODES, PRUNE_METHODS, InferError, run_batch, run_single  # noqa: E402
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (exit 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+from atp_jax.infer.runner import DTYPES, MODES, PRUNE_METHODS, InferError, Parser, run_batch, run_single  # noqa: E402
 
 
 def build_parser() -> Parser:

@@ -2,8 +2,12 @@
 
   python launch/train.py [--config configs/NAME.py] [--workdir DIR] [--config.FIELD=VALUE ...]
 
-Without --config: configs/tiny_synthetic.py (a tiny model, ATP on the built-in synthetic set). Rerunning with
-the same --workdir resumes from its latest checkpoint. Multi-host: on a TPU pod slice the processes find each
+Without --config: configs/tiny_synthetic.py, the main job: a tiny LLaVA trained in LLaVA-1.5's stages on the
+built-in synthetic set (caption pretraining, instruction tuning, then ATP), then compared on the test split with
+the unpruned model, FastV, PyramidDrop and random pruning at ATP's budget and a text-only guesser (a table,
+WORKDIR/eval_results.json, a plot and pictures of the kept patches). A config with `stages` runs each stage in
+WORKDIR/<stage>. Rerunning with the same --workdir resumes from the latest checkpoint (finished stages are
+skipped). Multi-host: on a TPU pod slice the processes find each
 other by themselves; elsewhere set --config.distributed.coordinator=HOST:PORT, .num_processes and .process_id.
 """
 
@@ -46,15 +50,22 @@ def main(argv) -> None:
     initialize_distributed(config)
     import jax
 
+    from atp_jax.train.stages import run_stages
     from atp_jax.train.trainer import SetupError, TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax narrates every checkpoint at INFO
+    logging.getLogger("atp_jax").setLevel(logging.INFO)  # our own progress lines (stages, resume) stay visible
     workdir = _WORKDIR.value or str(Path("workdir") / Path(flags.FLAGS["config"].config_filename).stem)
     if jax.process_index() == 0:
         print(f"jax {jax.__version__}, {jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} "
               f"device(s); workdir {workdir}")
     try:
+        if config.get("stages"):
+            model_dir = run_stages(config, workdir, train)
+            if model_dir is not None and config.report.enabled and jax.process_index() == 0:
+                write_report(config, workdir, model_dir)
+            return
         last = train(config, workdir)
     except SetupError as e:  # the config asks for what is not there: no traceback, status 2
         print(f"error: {e}", file=sys.stderr)
@@ -64,6 +75,14 @@ def main(argv) -> None:
         sys.exit(1)
     if jax.process_index() == 0 and last:
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items())))
+
+
+def write_report(config, workdir, model_dir) -> None:
+    from atp_jax.eval.report import report
+    from atp_jax.train.data import shapes_config
+
+    r = config.report
+    report(model_dir, workdir, shapes_config(config), r.test_size, r.batch_size, r.timing_batch, r.visualizations)
 
 
 if __name__ == "__main__":

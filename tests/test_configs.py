@@ -33,3 +33,27 @@ def test_full_size_configs_need_a_checkpoint():
     config = importlib.import_module("configs.llava15_7b_atp").get_config()
     with pytest.raises(ValueError, match="init_from"):
         build_model(config, 32000, 32000)
+
+
+def test_every_stage_of_the_main_job_is_a_valid_run(tmp_path):
+    from atp_jax.pruning.config import PruningConfig
+    from atp_jax.train.stages import stage_configs
+    from atp_jax.train.trainer import optim_config
+
+    config = importlib.import_module("configs.tiny_synthetic").get_config()
+    got = dict(stage_configs(config, tmp_path))
+    for name, c in got.items():
+        groups = {g[0] for g in optim_config(c).groups}
+        PruningConfig(mode="soft", **{k: tuple(v) if isinstance(v, list | tuple) else v
+                                      for k, v in c.pruning.to_dict().items()})
+        assert ("atp" in groups) == (name == "atp") == (c.pruning.method == "atp"), name
+    assert "vision" not in {g[0] for g in optim_config(got["atp"]).groups}  # frozen in the ATP stage, as the paper
+
+
+def test_data_shapes_fields_change_the_synthetic_set():
+    from atp_jax.train.data import shapes_config
+
+    config = importlib.import_module("configs.tiny_synthetic").get_config()
+    assert shapes_config(config).max_objects == 4 and shapes_config(config).image_size == 168
+    config.data.shapes.max_objects = 3
+    assert shapes_config(config).max_objects == 3

@@ -52,13 +52,13 @@ def _expected_answer(s):
         assert len(hits) == 1, "colour questions ask about a shape that occurs once"
         return "color", hits[0].color
     if q == "How many objects are there?":
-        return "count", str(len(objs))
+        return "count", syn.NUMBER_WORDS[len(objs)]
     if m := re.fullmatch(r"How many (\w+) objects are there\?", q):
         assert m[1] in colors
-        return "count", str(sum(o.color == m[1] for o in objs))
+        return "count", syn.NUMBER_WORDS[sum(o.color == m[1] for o in objs)]
     if m := re.fullmatch(r"How many (\w+) are there\?", q):
         shape = {s + "s": s for s in shapes} | {"crosses": "cross"}
-        return "count", str(sum(o.shape == shape[m[1]] for o in objs))
+        return "count", syn.NUMBER_WORDS[sum(o.shape == shape[m[1]] for o in objs)]
     if m := re.fullmatch(r"Is there (a|an) (\w+) (\w+)\?", q):
         assert m[1] == ("an" if m[2][0] in "aeiou" else "a")
         return "exist", "yes" if any(o.color == m[2] and o.shape == m[3] for o in objs) else "no"
@@ -189,7 +189,7 @@ def test_balance():
 
 def test_answer_distributions(train):
     possible = syn.answers(CFG)
-    assert possible["count"] == ("0", "1", "2", "3", "4") and possible["exist"] == ("yes", "no")
+    assert possible["count"] == ("zero", "one", "two", "three", "four") and possible["exist"] == ("yes", "no")
     for kind in syn.KINDS:
         got = Counter(s["answer"] for s in train if s["kind"] == kind)
         n = sum(got.values())
@@ -197,7 +197,7 @@ def test_answer_distributions(train):
         assert max(got.values()) / n < 0.6 if kind == "exist" else max(got.values()) / n < 0.35, (kind, got)
     # per question string: "How many objects are there?" is flat over 1..4, exist strings are balanced
     total = Counter(s["answer"] for s in train if _question(s) == "How many objects are there?")
-    assert set(total) == {"1", "2", "3", "4"} and max(total.values()) / sum(total.values()) < 0.35
+    assert set(total) == {"one", "two", "three", "four"} and max(total.values()) / sum(total.values()) < 0.35
     subkinds = Counter(s["subkind"] for s in train if s["kind"] == "exist")
     assert set(subkinds) == {"positive", "binding", "shape", "random"}, subkinds
     kinds = Counter(s["kind"] for s in train)
@@ -251,3 +251,27 @@ def test_all_text_covers_every_word(train, captions):
         assert set(kind_answers) <= set(texts)
     assert {"crosses", "An", "an", "?", ".", ","} <= vocab
     assert len(vocab) < 60, sorted(vocab)
+
+
+def test_multi_turn_samples_ask_distinct_questions_answered_from_the_scene():
+    from collections import Counter
+
+    answers = Counter()
+    for i in range(300):
+        s = syn.sample("train", i, CFG, kind="multi")
+        single = syn.sample("train", i, CFG)
+        turns = s["conversations"]
+        assert turns[:2] == single["conversations"] and s["scene"] == single["scene"]  # the vqa sample comes first
+        assert len(turns) == 2 * CFG.turns and [t["from"] for t in turns] == ["human", "gpt"] * CFG.turns
+        questions = [t["value"] for t in turns[2::2]]
+        assert len(set(questions)) == len(questions) and all("<image>" not in q for q in questions)
+        for human, gpt in zip(turns[2::2], turns[3::2], strict=True):
+            one = {**s, "conversations": [{"from": "human", "value": "<image>\n" + human["value"]}, gpt],
+                   "answer": gpt["value"]}
+            kind, expected = _expected_answer(one)
+            assert gpt["value"] == expected, (s["id"], human["value"], gpt["value"])
+            answers[kind, expected] += 1
+    exist = answers["exist", "yes"] / (answers["exist", "yes"] + answers["exist", "no"])
+    assert 0.35 < exist < 0.65, answers
+    a, b = syn.sample("train", 7, CFG, kind="multi"), syn.sample("train", 7, CFG, kind="multi")
+    assert a["conversations"] == b["conversations"] and (a["image"] == b["image"]).all()

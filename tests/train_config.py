@@ -10,6 +10,7 @@ from configs.tiny_synthetic import get_config as tiny_synthetic  # noqa: E402
 
 def get_config():
     c = tiny_synthetic()
+    c.stages = ()  # one run, not the tiny chain
     c.total_steps, c.batch_size, c.log_every, c.eval_every, c.checkpoint_every = 3, 8, 1, 0, 2
     c.model.vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, image_size=56)
     c.model.text.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

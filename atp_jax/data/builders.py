@@ -112,10 +112,11 @@ class LlavaPretrain(LlavaInstruct):
 
 
 class ShapesVqa(tfds.core.GeneratorBasedBuilder):
-    """The built-in synthetic shapes set: `vqa` (questions) and `caption` (stage-1), train/val/test splits."""
+    """The built-in synthetic shapes set: `vqa` (one question per image), `multi` (multi-turn conversations about
+    the same images) and `caption` (stage 1); train/val/test splits."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="vqa"), tfds.core.BuilderConfig(name="caption")]
+    VERSION = tfds.core.Version("1.2.0")  # 1.1.0: count answers are number words; 1.2.0: the multi config
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=kind) for kind in synthetic.SAMPLE_KINDS]
 
     def __init__(self, *, shapes: synthetic.ShapesConfig | None = None, **kwargs):
         self.shapes = shapes or synthetic.ShapesConfig()
@@ -146,7 +147,7 @@ def shapes_data(cache_dir: str | os.PathLike, shapes: synthetic.ShapesConfig | N
     key = hashlib.sha256(repr((shapes, tokenizer_vocab, ShapesVqa.VERSION)).encode()).hexdigest()[:12]
     root = Path(cache_dir) / f"shapes-{key}"
     data_dir, tokenizer_dir = root / "tfds", root / "tokenizer"
-    for config in ("vqa", "caption"):
+    for config in synthetic.SAMPLE_KINDS:
         ShapesVqa(shapes=shapes, config=config, data_dir=str(data_dir), file_format="array_record"
                   ).download_and_prepare()  # a no-op once prepared; tfds writes to a temporary dir first
     if not tokenizer_dir.exists():

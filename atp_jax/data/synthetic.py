@@ -20,7 +20,9 @@ answers a single word (exact-match evaluation). The answer is drawn first and th
   Uniform over the colours for every question.
 - ``count`` (`count_weights`, default 1/3 each): "How many {shape}s are there?" (0..4, uniform),
   "How many {colour} objects are there?" (0..4, uniform), "How many objects are there?" (1..4, uniform).
-  Answers are numerals ("0", "1", ...).
+  Answers are number words ("zero", "one", ...): with a LLaMA-style tokenizer a numeral answer starts with a
+  lone "▁" piece that LLaVA's label masking leaves unsupervised (it belongs to "ASSISTANT: "), so a model
+  trained from scratch never learns to emit it; a word is one supervised piece.
 - ``exist``: "Is there a(n) {colour} {shape}?" -> "yes"/"no", 50/50. Negatives follow POPE's idea of hard
   negatives (`exist_negative_weights`, default 1/3 each): "binding" (the colour and the shape both occur,
   but never together), "shape" (the shape occurs in another colour), "random" (any absent pair); when a
@@ -70,9 +72,12 @@ COUNT_MODES = ("shape", "color", "total")
 EXIST_NEGATIVES = ("binding", "shape", "random")
 DIRECTIONS = ("left", "right", "above", "below")
 SPLITS = ("train", "val", "test")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 IMAGE_TOKEN = "<image>"
 
 _CAPTION_STREAM = 1  # third seed word of the caption scenes' random stream
+_MULTI_STREAM = 2  # ... and of the extra questions of multi-turn samples
+SAMPLE_KINDS = ("vqa", "multi", "caption")
 _WORD = re.compile(r"^[a-z]+$")
 
 
@@ -114,14 +119,18 @@ class ShapesConfig:
     train_seed: int = 0
     val_seed: int = 1
     test_seed: int = 2
+    turns: int = 4  # questions per conversation in "multi" samples
     max_tries: int = 500  # placement tries per object before the layout restarts
     max_restarts: int = 50
 
     def __post_init__(self):
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
-        if not 1 <= self.min_objects <= self.max_objects:
-            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if self.turns < 1:
+            raise ValueError(f"turns must be >= 1, got {self.turns}")
+        if not 1 <= self.min_objects <= self.max_objects < len(NUMBER_WORDS):
+            raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(NUMBER_WORDS) - 1}, got "
+                             f"{self.min_objects}, {self.max_objects}")
         if not 0 < self.min_size <= self.max_size < 0.5:
             raise ValueError(f"need 0 < min_size <= max_size < 0.5, got {self.min_size}, {self.max_size}")
         names = self.shapes + self.color_names
@@ -265,7 +274,7 @@ def answers(cfg: ShapesConfig = DEFAULT_CONFIG) -> dict[str, tuple[str, ...]]:
         counts |= set(range(cfg.max_color_count + 1))
     if w_total > 0:
         counts |= set(range(cfg.min_objects, cfg.max_objects + 1))
-    return {"color": cfg.color_names, "count": tuple(str(n) for n in sorted(counts)), "exist": ("yes", "no"),
+    return {"color": cfg.color_names, "count": tuple(NUMBER_WORDS[n] for n in sorted(counts)), "exist": ("yes", "no"),
             "position": DIRECTIONS}
 
 
@@ -405,6 +414,25 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig = DEFAULT_CONFIG,
     return Scene(_layout(rng, cfg, _pairs(rng, n, cfg.shapes, cfg.color_names)), bg)
 
 
+def _absent_pair(rng: np.random.Generator, specs: Sequence[tuple[str, str]], cfg: ShapesConfig
+                 ) -> tuple[str, tuple[str, str]]:
+    """(negative kind, (shape, colour)) absent from a scene of (shape, colour) `specs`, POPE-style hard
+    negatives drawn with `exist_negative_weights` (see the module doc)."""
+    shapes, colors = cfg.shapes, cfg.color_names
+    present = set(specs)
+    in_shapes = [s for s in shapes if any(s == p[0] for p in present)]
+    in_colors = [c for c in colors if any(c == p[1] for p in present)]
+    cands = {
+        "binding": [(s, c) for s in in_shapes for c in in_colors if (s, c) not in present],
+        "shape": [(s, c) for s in in_shapes for c in colors if (s, c) not in present],
+        "random": [(s, c) for s in shapes for c in colors if (s, c) not in present],
+    }
+    subkind = _choice(rng, EXIST_NEGATIVES, cfg.exist_negative_weights)
+    order = EXIST_NEGATIVES[EXIST_NEGATIVES.index(subkind):]
+    subkind = next(k for k in order if cands[k])  # "random" is never empty: max_objects < #pairs
+    return subkind, _choice(rng, cands[subkind])
+
+
 def _vqa(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Scene, str, str, str, str]:
     """(scene, kind, subkind, question, answer), the answer drawn first and the scene built around it."""
     kinds = [k for k, _ in cfg.kind_weights]
@@ -438,7 +466,7 @@ def _vqa(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Scene, str, str, 
             n = _n_objects(rng, cfg, max(k, 1), k + len(rest_shapes) * len(rest_colors))
             specs = own + _pairs(rng, n - k, rest_shapes, rest_colors)
             question = count_question(subkind, target)
-        answer = str(k)
+        answer = NUMBER_WORDS[k]
     elif kind == "exist":
         yes = bool(rng.random() < 0.5)
         n = _n_objects(rng, cfg)
@@ -447,18 +475,7 @@ def _vqa(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Scene, str, str, 
             subkind = "positive"
             shape, color = specs[int(rng.integers(n))]
         else:
-            present = set(specs)
-            in_shapes = [s for s in shapes if any(s == p[0] for p in present)]
-            in_colors = [c for c in colors if any(c == p[1] for p in present)]
-            cands = {
-                "binding": [(s, c) for s in in_shapes for c in in_colors if (s, c) not in present],
-                "shape": [(s, c) for s in in_shapes for c in colors if (s, c) not in present],
-                "random": [(s, c) for s in shapes for c in colors if (s, c) not in present],
-            }
-            subkind = _choice(rng, EXIST_NEGATIVES, cfg.exist_negative_weights)
-            order = EXIST_NEGATIVES[EXIST_NEGATIVES.index(subkind):]
-            subkind = next(k for k in order if cands[k])  # "random" is never empty: max_objects < #pairs
-            shape, color = _choice(rng, cands[subkind])
+            subkind, (shape, color) = _absent_pair(rng, specs, cfg)
         question, answer = exist_question(color, shape), "yes" if yes else "no"
     else:  # position
         direction = _choice(rng, DIRECTIONS)
@@ -468,6 +485,42 @@ def _vqa(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Scene, str, str, 
         subkind, question, answer = "position", position_question((ca, sa), (cb, sb)), direction
     scene = Scene(_layout(rng, cfg, specs, direction), bg)
     return scene, kind, subkind, question, answer
+
+
+def _scene_question(rng: np.random.Generator, scene: Scene, cfg: ShapesConfig) -> tuple[str, str, str] | None:
+    """(kind, question, answer) about an existing scene, answered from it (None when the drawn kind has no
+    question here, e.g. no clear relation). Answers are as balanced as the scene allows: exist is yes half of
+    the time; colour asks about a shape that occurs once; position about a clearly separated pair."""
+    objs = scene.objects
+    present = {(o.shape, o.color) for o in objs}
+    kind = _choice(rng, [k for k, _ in cfg.kind_weights], [w for _, w in cfg.kind_weights])
+    if kind == "color":
+        single = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        if not single:
+            return None
+        o = single[int(rng.integers(len(single)))]
+        return kind, color_question(o.shape), o.color
+    if kind == "count":
+        mode = _choice(rng, COUNT_MODES, cfg.count_weights)
+        if mode == "total":
+            return kind, count_question("total"), NUMBER_WORDS[len(objs)]
+        if mode == "shape":
+            target = _choice(rng, cfg.shapes)
+            return kind, count_question("shape", target), NUMBER_WORDS[sum(o.shape == target for o in objs)]
+        target = _choice(rng, cfg.color_names)
+        return kind, count_question("color", target), NUMBER_WORDS[sum(o.color == target for o in objs)]
+    if kind == "exist":
+        if rng.random() < 0.5:
+            o = objs[int(rng.integers(len(objs)))]
+            return kind, exist_question(o.color, o.shape), "yes"
+        _, (shape, color) = _absent_pair(rng, sorted(present), cfg)
+        return kind, exist_question(color, shape), "no"
+    clear = [(a, b, d) for a in objs for b in objs if a is not b for d in DIRECTIONS
+             if _clear_relation(a, b, d, cfg)]
+    if not clear:
+        return None
+    a, b, d = clear[int(rng.integers(len(clear)))]
+    return kind, position_question((a.color, a.shape), (b.color, b.shape)), d
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -529,14 +582,17 @@ def _check_index(index: int) -> int:
 
 
 def sample(split: str, index: int, cfg: ShapesConfig = DEFAULT_CONFIG, kind: str = "vqa") -> dict:
-    """Sample ``index`` of ``split`` (``kind`` "vqa" or "caption"); depends only on (split seed, index).
+    """Sample ``index`` of ``split`` (``kind`` "vqa", "multi" or "caption"); depends only on (split seed,
+    index).
 
     Indices past the split's size are allowed (the stream is unbounded); `generate` stops at the size.
     """
     if kind == "caption":
         return caption_sample(split, index, cfg)
+    if kind == "multi":
+        return multi_sample(split, index, cfg)
     if kind != "vqa":
-        raise ValueError(f"kind must be 'vqa' or 'caption', got {kind!r}")
+        raise ValueError(f"kind must be one of {SAMPLE_KINDS}, got {kind!r}")
     index = _check_index(index)
     rng = np.random.default_rng([cfg.split_seed(split), index])
     scene, qkind, subkind, question, answer = _vqa(rng, cfg)
@@ -550,6 +606,24 @@ def sample(split: str, index: int, cfg: ShapesConfig = DEFAULT_CONFIG, kind: str
         "answer": answer,
         "scene": scene,
     }
+
+
+def multi_sample(split: str, index: int, cfg: ShapesConfig = DEFAULT_CONFIG) -> dict:
+    """A multi-turn conversation about the image of VQA sample ``index`` (LLaVA-Instruct style): its question
+    first, then ``cfg.turns - 1`` more questions answered from the scene (distinct, drawn from a separate random
+    stream). More supervision per image for training; evaluation uses the single-question ``vqa`` samples."""
+    s = sample(split, index, cfg)
+    rng = np.random.default_rng([cfg.split_seed(split), index, _MULTI_STREAM])
+    asked = {question_of(s)}
+    turns = list(s["conversations"])
+    for _ in range(cfg.max_tries):
+        if len(asked) == cfg.turns:
+            break
+        drawn = _scene_question(rng, s["scene"], cfg)
+        if drawn is not None and drawn[1] not in asked:
+            asked.add(drawn[1])
+            turns += [{"from": "human", "value": drawn[1]}, {"from": "gpt", "value": drawn[2]}]
+    return {**s, "id": _id("shapes-multi", split, index), "conversations": turns}
 
 
 def caption_sample(split: str, index: int, cfg: ShapesConfig = DEFAULT_CONFIG) -> dict:
@@ -568,9 +642,9 @@ def caption_sample(split: str, index: int, cfg: ShapesConfig = DEFAULT_CONFIG) -
 
 
 def generate(split: str, cfg: ShapesConfig = DEFAULT_CONFIG, kind: str = "vqa") -> Iterator[dict]:
-    """The ``cfg.split_size(split)`` samples of ``split`` in index order (``kind`` "vqa" or "caption")."""
-    if kind not in ("vqa", "caption"):
-        raise ValueError(f"kind must be 'vqa' or 'caption', got {kind!r}")
+    """The ``cfg.split_size(split)`` samples of ``split`` in index order (``kind`` one of `SAMPLE_KINDS`)."""
+    if kind not in SAMPLE_KINDS:
+        raise ValueError(f"kind must be one of {SAMPLE_KINDS}, got {kind!r}")
     for i in range(cfg.split_size(split)):
         yield sample(split, i, cfg, kind)
 
@@ -631,8 +705,9 @@ def text_only_baseline(train_samples: Iterable[dict], test_samples: Iterable[dic
 
 
 __all__ = [
-    "COUNT_MODES", "DEFAULT_CONFIG", "DIRECTIONS", "EXIST_NEGATIVES", "IMAGE_TOKEN", "KINDS", "SPLITS", "Obj",
-    "Scene", "ShapesConfig", "all_text", "answers", "article", "caption", "caption_sample", "color_question",
-    "count_question", "exist_question", "generate", "object_mask", "plural", "position_question", "question_of",
-    "relation", "render", "sample", "sample_scene", "text_only_baseline",
+    "COUNT_MODES", "DEFAULT_CONFIG", "DIRECTIONS", "EXIST_NEGATIVES", "IMAGE_TOKEN", "KINDS", "NUMBER_WORDS",
+    "SAMPLE_KINDS", "SPLITS", "Obj", "Scene", "ShapesConfig", "all_text", "answers", "article", "caption",
+    "caption_sample", "color_question", "count_question", "exist_question", "generate", "multi_sample", "object_mask",
+    "plural", "position_question", "question_of", "relation", "render", "sample", "sample_scene",
+    "text_only_baseline",
 ]

@@ -65,9 +65,9 @@ class DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _masked_prefill(graphdef, state, input_ids, pixel_values, attention_mask):
+def _masked_prefill(graphdef, state, input_ids, pixel_values, attention_mask, counts):
     model = nnx.merge(graphdef, state)
-    out = model(input_ids, pixel_values, attention_mask, return_cache=True)
+    out = model(input_ids, pixel_values, attention_mask, counts=counts, return_cache=True)
     last = attention_mask.shape[1] - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)  # last real token per row
     return out.logits[jnp.arange(input_ids.shape[0]), last], out.cache, out.visual_per_layer, out.keep
 
@@ -116,13 +116,14 @@ def round_up(n: int, multiple: int) -> int:
 
 def generate(model: PrunedLlava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 64,
              sampling: Sampling = Sampling(), eos_id: int, seed: int = 0, mode: str = "compact", chunk: int = 16,
-             budget_multiple: int = 32, on_tokens: Callable[[np.ndarray, int], np.ndarray | None] | None = None
-             ) -> Generation:
+             budget_multiple: int = 32, counts=None,
+             on_tokens: Callable[[np.ndarray, int], np.ndarray | None] | None = None) -> Generation:
     """Generates up to `max_new_tokens` per row after a pruned prefill of the (right- or left-padded) prompts.
 
     `mode`: "compact" (pruned tokens removed from compute and cache) or "masked". The decode runs in jitted
     chunks of `chunk` steps; the cache has room for `max_new_tokens` rounded up to `budget_multiple`, so one
-    program serves nearby budgets. After every chunk `on_tokens(tokens_so_far [B, n], n)` may return a bool
+    program serves nearby budgets. `counts`: per-instance budgets for the ranked baselines, as in
+    `PrunedLlava.__call__`. After every chunk `on_tokens(tokens_so_far [B, n], n)` may return a bool
     [B] array of rows to stop (stop strings, streaming to a terminal).
     """
     if mode not in ("compact", "masked"):
@@ -136,10 +137,11 @@ def generate(model: PrunedLlava, input_ids, pixel_values, attention_mask=None, *
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
     if mode == "compact":
-        out = prefill_compact(model, input_ids, pixel_values, mask, last_logits_only=True, return_cache=True)
+        out = prefill_compact(model, input_ids, pixel_values, mask, last_logits_only=True, counts=counts,
+                              return_cache=True)
         first_logits, cache, per_layer, keep = out.logits[:, 0], out.cache, out.visual_per_layer, out.keep
     else:
-        first_logits, cache, per_layer, keep = _masked_prefill(graphdef, state, input_ids, pixel_values, mask)
+        first_logits, cache, per_layer, keep = _masked_prefill(graphdef, state, input_ids, pixel_values, mask, counts)
     key = jax.random.key(seed)
     first = sample_tokens(first_logits, jax.random.fold_in(key, 0), sampling)
     tokens = jnp.zeros((b, budget + 1), jnp.int32).at[:, 0].set(first)

@@ -7,6 +7,7 @@ option) is an `InferError` with a one-line message; anything else is a bug and k
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -30,6 +31,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 GREEDY = Sampling()
 RESULT_FIELDS = ("answer", "token_ids", "visual_tokens_per_layer", "avg_visual_tokens", "prompt_tokens", "ttft_s",
                  "decode_tokens_per_s")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (exit 2) instead of the usage block (the launch scripts)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 class InferError(ValueError):

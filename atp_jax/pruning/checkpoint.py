@@ -36,7 +36,7 @@ def save_pruning(directory: str | Path, model: PrunedLlava) -> None:
     once the new ones are complete."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # orbax writes absolute paths only
     staging = Path(tempfile.mkdtemp(prefix=".pruning.", dir=directory))
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(config_to_dict(model.pcfg), indent=2))
@@ -63,7 +63,7 @@ def load_pruned(directory: str | Path, llava, rngs: nnx.Rngs | None = None, **ov
     default config placed for this decoder depth, with `overrides`."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # orbax reads absolute paths only
     n_layers = llava.config.text.num_hidden_layers
     if has_pruning(directory):
         saved = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))

@@ -57,5 +57,5 @@ class PruningConfig:
             return min(num_layers - 2, layer * num_layers // 32)
 
         return dataclasses.replace(self, atp_layers=tuple(sorted({scale(x) for x in self.atp_layers})),
-                                   pdrop_layers=tuple(sorted({scale(x) for x in self.pdrop_layers})),
+                                   pdrop_layers=tuple(sorted({max(1, scale(x)) for x in self.pdrop_layers})),
                                    fastv_layer=max(1, scale(self.fastv_layer)))

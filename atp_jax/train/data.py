@@ -27,12 +27,18 @@ def cache_dir(config) -> Path:
     return Path(config.data.cache_dir or os.environ.get("ATP_JAX_CACHE") or Path.home() / ".cache" / "atp_jax")
 
 
+def shapes_config(config) -> synthetic.ShapesConfig:
+    """The synthetic set a config trains on: images at the model's input size, `data.shapes` fields replaced."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.data.get("shapes", {}).items()}
+    return dataclasses.replace(synthetic.ShapesConfig(), image_size=config.model.vision.image_size,
+                               train_size=config.data.shapes_train_size, **fields)
+
+
 def prepare(config) -> Data:
     """Tokenizer and sources. The synthetic set is written by process 0 while the others wait, then read by all."""
     d = config.data
     if d.source.startswith("shapes_vqa"):
-        shapes = dataclasses.replace(synthetic.ShapesConfig(), image_size=config.model.vision.image_size,
-                                     train_size=d.shapes_train_size)
+        shapes = shapes_config(config)
         if jax.process_index() == 0:
             data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes)
         if jax.process_count() > 1:

@@ -165,10 +165,14 @@ def train(config, workdir: str | Path) -> dict:
             state, metrics = step_fn(state, batch)
             window_steps += 1
             done = step + 1
-            if int(state.bad_steps) >= config.max_bad_steps:  # a host sync per step: cheap next to a step here
+            # Checked when metrics are logged, not every step: a per-step host sync would keep the host from
+            # loading the next batch while the device computes. Bad steps change nothing, so the checkpoints
+            # saved meanwhile hold the last good parameters.
+            logged = done % config.log_every == 0 or done == config.total_steps
+            if logged and int(state.bad_steps) >= config.max_bad_steps:
                 raise TrainingError(f"{config.max_bad_steps} consecutive steps with a non-finite loss or gradient "
                                     f"(step {done}); the last good checkpoint is kept in {workdir / 'checkpoints'}")
-            if done % config.log_every == 0 or done == config.total_steps:
+            if logged:
                 metrics = jax.device_get(metrics)
                 elapsed = (time.perf_counter() - window_start) / window_steps
                 seq = batch["input_ids"].shape[1]

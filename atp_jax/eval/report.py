@@ -1,0 +1,205 @@
+"""The main job's report: every method on the shapes test split, the text-only guesser, the targets, and the
+files it leaves in the workdir (`eval_results.json`, `accuracy_vs_tokens.png`, `visualizations/`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from atp_jax.data import synthetic
+from atp_jax.eval import shapes as ev
+from atp_jax.pruning.engine import PrunedLlava
+
+RESULTS_FILE = "eval_results.json"
+PLOT_FILE = "accuracy_vs_tokens.png"
+VIS_DIR = "visualizations"
+BASELINES = (("fastv", "FastV"), ("pdrop", "PyramidDrop"), ("random", "random"))
+# Targets of the comparison (issue 7): ATP at most this fraction of the visual tokens on average ...
+MAX_TOKEN_FRACTION = 0.35
+KEEP_ACCURACY = 0.95  # ... keeps at least this share of the unpruned accuracy and beats every baseline.
+CLEAR_MARGIN = 0.10  # the unpruned model must beat the text-only guesser by this much on every question kind
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclasses.dataclass
+class Comparison:
+    results: dict  # what eval_results.json holds
+    test: ev.TestSet
+    runs: dict[str, ev.MethodRun]  # method key -> its answers and kept tokens
+
+
+def compare(model_dir: str | os.PathLike, shapes: synthetic.ShapesConfig, test_size: int, batch_size: int,
+            timing_batch: int) -> Comparison:
+    """Answers the test split with the unpruned model, ATP (its trained thresholds) and the ranked baselines
+    at ATP's per-instance budget."""
+    from atp_jax.convert.checkpoint import load_pretrained
+    from atp_jax.data.tokenizer import load_tokenizer
+    from atp_jax.pruning.checkpoint import load_pruned
+
+    llava, cfg = load_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    atp, trained = load_pruned(model_dir, llava, method="atp", mode="masked")
+    if not trained:
+        raise ValueError(f"{model_dir} has no trained ATP thresholds")
+    test = ev.build_test_set(shapes, tokenizer, cfg.image_token_index, cfg.num_image_tokens, cfg.vision.image_size,
+                             limit=test_size)
+    log(f"evaluating on {len(test)} test questions ...")
+    plain = PrunedLlava(llava, dataclasses.replace(atp.pcfg, method="none"), rngs=nnx.Rngs(0))
+    methods, runs = {}, {}
+
+    def run(key: str, name: str, model: PrunedLlava, counts=None) -> None:
+        start = time.perf_counter()
+        runs[key] = ev.answer_all(model, test, tokenizer, batch_size, counts)
+        seconds = ev.prefill_seconds(model, test, timing_batch, counts)
+        methods[key] = ev.method_result(name, runs[key], test, model, seconds)
+        log(f"  {name}: accuracy {methods[key]['accuracy']:.3f} at {methods[key]['avg_visual_tokens']:.1f} "
+            f"visual tokens ({time.perf_counter() - start:.0f} s)")
+
+    run("unpruned", "unpruned", plain)
+    run("atp", "ATP", atp)
+    methods["atp"]["kept_per_module"] = runs["atp"].counts.mean(0).tolist()
+    methods["atp"]["module_layers"] = list(atp.module_layers)
+    for key, name in BASELINES:
+        model = ev.baseline_model(llava, key, atp.pcfg)
+        run(key, name, model, ev.counts_at_budget(model, runs["atp"]))
+    correct = {k: ev.correct(test, r.predictions) for k, r in runs.items()}
+    train = (synthetic.sample("train", i, shapes) for i in range(shapes.train_size))
+    tests = (synthetic.sample("test", i, shapes) for i in range(len(test)))
+    guesser = synthetic.text_only_baseline(train, tests)
+    text_only = {"method": "text-only guesser", "accuracy": guesser["all"]["accuracy"],
+                 "per_kind": {k: v["accuracy"] for k, v in guesser.items() if k != "all"},
+                 "chance": {k: v["chance"] for k, v in guesser.items()}}
+    results = {"test_questions": len(test), "num_visual_tokens": cfg.num_image_tokens,
+               "decoder_layers": cfg.text.num_hidden_layers, "timing_batch": min(timing_batch, len(test)),
+               "methods": methods, "text_only": text_only,
+               "targets": targets(methods, text_only, {k: paired_stderr(correct["atp"], correct[k])
+                                                       for k, _ in BASELINES})}
+    return Comparison(results, test, runs)
+
+
+def paired_stderr(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a) - mean(b) for per-question 0/1 scores of two methods on the same questions."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def targets(methods: dict, text_only: dict, stderr: dict | None = None) -> dict:
+    """Each target of the comparison with its measured figures and whether it is met. `stderr`: per baseline
+    key, the standard error of ATP's accuracy minus the baseline's (reported beside the difference)."""
+    atp, full = methods["atp"], methods["unpruned"]
+    out = {
+        "atp_token_fraction": {"value": atp["visual_token_fraction"], "limit": MAX_TOKEN_FRACTION,
+                               "met": atp["visual_token_fraction"] <= MAX_TOKEN_FRACTION},
+        "atp_keeps_accuracy": {"value": atp["accuracy"] / max(full["accuracy"], 1e-9), "limit": KEEP_ACCURACY,
+                               "met": atp["accuracy"] >= KEEP_ACCURACY * full["accuracy"]},
+    }
+    for key, name in BASELINES:
+        out[f"atp_beats_{key}"] = {"value": atp["accuracy"] - methods[key]["accuracy"], "limit": 0.0,
+                                   "met": atp["accuracy"] > methods[key]["accuracy"], "name": name}
+        if stderr is not None:
+            out[f"atp_beats_{key}"]["stderr"] = stderr[key]
+    margins = {k: full["per_kind"][k] - text_only["per_kind"][k] for k in text_only["per_kind"]}
+    out["unpruned_beats_text_only"] = {"value": min(margins.values()), "limit": CLEAR_MARGIN, "per_kind": margins,
+                                       "met": min(margins.values()) >= CLEAR_MARGIN}
+    return out
+
+
+def table(results: dict) -> str:
+    """The comparison as a plain-text table."""
+    methods = results["methods"]
+    kinds = sorted(results["text_only"]["per_kind"])
+    head = ["method", "accuracy", *kinds, "visual tokens", "FLOPs ratio", "prefill ms"]
+    rows = [head]
+    t = results["text_only"]
+    rows.append([t["method"], f"{t['accuracy']:.3f}", *(f"{t['per_kind'][k]:.3f}" for k in kinds), "-", "-", "-"])
+    for m in methods.values():
+        rows.append([m["method"], f"{m['accuracy']:.3f}", *(f"{m['per_kind'][k]:.3f}" for k in kinds),
+                     f"{m['avg_visual_tokens']:.1f} ({100 * m['visual_token_fraction']:.0f}%)",
+                     f"{m['flops_ratio']:.3f}", f"{m['prefill_ms']:.1f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("")
+    for name, target in results["targets"].items():
+        spread = f", standard error {target['stderr']:.3f}" if "stderr" in target else ""
+        lines.append(f"{'met   ' if target['met'] else 'MISSED'}  {name}: {target['value']:.3f} "
+                     f"(limit {target['limit']:.2f}{spread})")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Accuracy against average visual tokens, one point per method, the text-only guesser as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    markers = "o*sD^v"  # the baselines share ATP's budget: distinct markers keep overlapping points apart
+    for m, marker in zip(results["methods"].values(), markers, strict=False):
+        ax.scatter(m["avg_visual_tokens"], m["accuracy"], s=110 if marker == "*" else 55, marker=marker, zorder=3,
+                   alpha=0.85, label=f"{m['method']} ({m['accuracy']:.3f})")
+    ax.axhline(results["text_only"]["accuracy"], color="grey", linestyle="--",
+               label=f"text-only guesser ({results['text_only']['accuracy']:.3f})")
+    ax.set_xlabel(f"average visual tokens per decoder layer (of {results['num_visual_tokens']})")
+    ax.set_ylabel(f"exact-match accuracy ({results['test_questions']} test questions)")
+    ax.set_xlim(0, results["num_visual_tokens"] * 1.08)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def visualize(comparison: Comparison, shapes: synthetic.ShapesConfig, directory: Path, count: int) -> list[Path]:
+    """Pictures of ATP's kept patches per module for the first `count` test images."""
+    from PIL import Image
+
+    from atp_jax.infer.visualize import draw_kept
+
+    directory.mkdir(parents=True, exist_ok=True)
+    test, run = comparison.test, comparison.runs["atp"]
+    grid = int(round(np.sqrt(comparison.results["num_visual_tokens"])))
+    layers = comparison.results["methods"]["atp"]["module_layers"]
+    paths = []
+    for i in range(min(count, len(test))):
+        image = Image.fromarray(synthetic.sample("test", test.indices[i], shapes)["image"])
+        paths.append(draw_kept(image, run.kept[i], grid, layers, directory / f"test_{i:03d}_atp.png"))
+    return paths
+
+
+def write_json(results: dict, path: Path) -> None:
+    from atp_jax.train.metrics import atomic_write_text
+
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+
+
+def report(model_dir, workdir, shapes: synthetic.ShapesConfig, test_size: int, batch_size: int,
+           timing_batch: int, visualizations: int) -> dict:
+    """Runs the comparison and writes its files into `workdir`; prints the table; returns the results."""
+    workdir = Path(workdir)
+    comparison = compare(model_dir, shapes, test_size, batch_size, timing_batch)
+    results = comparison.results
+    write_json(results, workdir / RESULTS_FILE)
+    plot(results, workdir / PLOT_FILE)
+    visualize(comparison, shapes, workdir / VIS_DIR, visualizations)
+    log("\n" + table(results))
+    log(f"\nwrote {workdir / RESULTS_FILE}, {workdir / PLOT_FILE} and {workdir / VIS_DIR}/")
+    return results

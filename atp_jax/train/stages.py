@@ -1,0 +1,71 @@
+"""Multi-stage runs from one config: LLaVA's pretrain -> finetune -> ATP chain, each stage a whole training run
+in its own sub-directory of the workdir, each starting from the model the stage before it exported.
+
+A config with ``stages = ("pretrain", "finetune", "atp")`` holds, in ``stage_overrides.<name>``, the fields
+that stage changes (any field of the config, nested like the config itself). Rerunning resumes: a finished
+stage (its exported model is complete) is skipped, an interrupted one resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from atp_jax.convert.checkpoint import CONFIG_FILE
+
+log = logging.getLogger(__name__)
+STAGE_FIELDS = ("stages", "stage_overrides", "report")  # fields of the chain itself, not of a stage's run
+
+
+def merged(base: ConfigDict, overrides: ConfigDict, where: str = "") -> ConfigDict:
+    """`base` with the fields of `overrides` replaced, recursively; a field `base` lacks is an error."""
+    out = ConfigDict(base.to_dict())
+    for key, value in overrides.items():
+        if key not in out:
+            raise ValueError(f"stage override {where}{key}: the config has no such field")
+        if isinstance(value, ConfigDict | dict):
+            out[key] = merged(out[key], ConfigDict(value), f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def stage_configs(config: ConfigDict, workdir: str | Path) -> list[tuple[str, ConfigDict]]:
+    """(name, config) for each stage; a stage after the first starts from the previous stage's model. Overrides
+    of stages not in `stages` are unused (`--config.stages="('pretrain', 'finetune')"` runs the first two)."""
+    workdir = Path(workdir)
+    base = ConfigDict({k: v for k, v in config.to_dict().items() if k not in STAGE_FIELDS})
+    out = []
+    for i, name in enumerate(config.stages):
+        overrides = config.stage_overrides.get(name, ConfigDict())
+        c = merged(base, overrides, f"stage_overrides.{name}.")
+        if i > 0:
+            c.model.init_from = str((workdir / config.stages[i - 1] / "model").absolute())
+        out.append((name, c))
+    return out
+
+
+def finished(stage_dir: Path) -> bool:
+    """Whether the stage exported its model (the config file is written last)."""
+    return (stage_dir / "model" / CONFIG_FILE).is_file()
+
+
+def run_stages(config: ConfigDict, workdir: str | Path, train) -> Path | None:
+    """Runs every unfinished stage with `train(config, workdir)`; returns the last stage's exported model, or
+    None when a stage stopped early (SIGTERM: it saved a checkpoint, and a rerun resumes it)."""
+    workdir = Path(workdir)
+    stages = stage_configs(config, workdir)
+    for i, (name, c) in enumerate(stages, 1):
+        stage_dir = workdir / name
+        if finished(stage_dir):
+            log.info("stage %d/%d %s: done earlier (%s); skipped", i, len(stages), name, stage_dir / "model")
+            continue
+        log.info("stage %d/%d %s: %d steps, pruning %s, data %s -> %s", i, len(stages), name, c.total_steps,
+                 c.pruning.method, c.data.source, stage_dir)
+        train(c, stage_dir)
+        if not finished(stage_dir):
+            log.warning("stage %s stopped before its last step; rerun the same command to resume", name)
+            return None
+    return workdir / stages[-1][0] / "model"
