@@ -79,8 +79,12 @@ def main(argv) -> None:
 
 def write_report(config, workdir, model_dir) -> None:
     from atp_jax.eval.report import report
+    from atp_jax.pruning.checkpoint import CONFIG_FILE, PARAMS_DIR
     from atp_jax.train.data import shapes_config
 
+    if not (Path(model_dir) / PARAMS_DIR).is_dir() or not (Path(model_dir) / CONFIG_FILE).is_file():
+        print(f"no comparison: the last stage's model {model_dir} has no trained ATP modules", file=sys.stderr)
+        return
     r = config.report
     report(model_dir, workdir, shapes_config(config), r.test_size, r.batch_size, r.timing_batch, r.visualizations)
 
