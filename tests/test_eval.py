@@ -6,10 +6,7 @@ as soon as the first test needs them; a resume after a crash mid-line follows th
 """
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -25,6 +22,7 @@ from atp_jax.eval import benchmarks as bm
 from atp_jax.eval import runner as er
 from atp_jax.eval.normalize import normalize_answer
 from atp_jax.models.config import LlavaConfig
+from tests.cli_helpers import load_main, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "eval.py"
@@ -126,20 +124,7 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def eval_main(runs):
     """launch/eval.py's main, imported (it needs `runs` only to start the CLI runs before the other tests)."""
-    spec = importlib.util.spec_from_file_location("eval_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def run_main(main, *args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    return load_main(SCRIPT, "eval_cli")
 
 
 # ---- user errors (no model is loaded for any of them) ----------------------------------------------------------

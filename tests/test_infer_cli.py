@@ -5,10 +5,7 @@ the first test needs them; the cheap in-process tests run meanwhile. Greedy deco
 """
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -24,6 +21,7 @@ from atp_jax.data.conversation import template_text
 from atp_jax.infer import runner as rn
 from atp_jax.infer.visualize import GAP, PANEL, TITLE, draw_kept
 from atp_jax.models.config import LlavaConfig
+from tests.cli_helpers import load_main, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "infer.py"
@@ -159,20 +157,7 @@ def check_fields(result: dict) -> None:
 @pytest.fixture(scope="module")
 def infer_main(runs):
     """launch/infer.py's main, imported (it needs `runs` only to start the CLI runs before these tests)."""
-    spec = importlib.util.spec_from_file_location("infer_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def run_main(main, *args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    return load_main(SCRIPT, "infer_cli")
 
 
 def test_user_errors_exit_2_with_one_line(work, infer_main):
