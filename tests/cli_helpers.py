@@ -1,8 +1,10 @@
-"""Calling a launch script's main() in process: its exit status and what it printed."""
+"""Running launch scripts in tests: main() in process, finished background runs, their JSONL output."""
 
 import contextlib
 import importlib.util
 import io
+import json
+import subprocess
 from pathlib import Path
 
 
@@ -23,3 +25,14 @@ def run_main(main, *args) -> tuple[int, str, str]:
         except SystemExit as e:
             code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def finished(runs, name: str) -> subprocess.CompletedProcess:
+    """The completed background run `name` of a dict of futures; it must have exited 0."""
+    proc = runs[name].result()
+    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -22,7 +22,7 @@ from atp_jax.eval import benchmarks as bm
 from atp_jax.eval import runner as er
 from atp_jax.eval.normalize import normalize_answer
 from atp_jax.models.config import LlavaConfig
-from tests.cli_helpers import load_main, run_main
+from tests.cli_helpers import finished, load_main, read_jsonl, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "eval.py"
@@ -109,16 +109,6 @@ def runs(work):
     futures = {"pope": pool.submit(cli, *pope_args(work, work / "out-pope")), "mmbench": pool.submit(cli, *mmbench)}
     yield futures
     pool.shutdown(wait=True)
-
-
-def finished(runs, name: str) -> subprocess.CompletedProcess:
-    proc = runs[name].result()
-    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

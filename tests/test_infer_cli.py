@@ -21,7 +21,7 @@ from atp_jax.data.conversation import template_text
 from atp_jax.infer import runner as rn
 from atp_jax.infer.visualize import GAP, PANEL, TITLE, draw_kept
 from atp_jax.models.config import LlavaConfig
-from tests.cli_helpers import load_main, run_main
+from tests.cli_helpers import finished, load_main, read_jsonl, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "infer.py"
@@ -130,16 +130,6 @@ def runs(work):
     futures = {name: pool.submit(cli, *args) for name, args in plans.items()}
     yield futures
     pool.shutdown(wait=True)
-
-
-def finished(runs, name: str) -> subprocess.CompletedProcess:
-    proc = runs[name].result()
-    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def check_fields(result: dict) -> None:
