@@ -1,11 +1,35 @@
-"""Running launch scripts in tests: main() in process, finished background runs, their JSONL output."""
+"""Running launch scripts in tests: a tiny converted checkpoint, main() in process, finished background runs,
+their JSONL output."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
+
+
+def tiny_checkpoint(d: Path, texts: list[str], context: int) -> Path:
+    """A converted tiny LLaVA in `d`/ckpt whose vocabulary is a 400-piece tokenizer trained on `texts` and the
+    conversation templates, plus <image> (400) and <pad> (401); `context` is its max_position_embeddings."""
+    from atp_jax.convert.checkpoint import save_converted
+    from atp_jax.convert.importer import convert_hf, unflatten
+    from atp_jax.data.conversation import template_text
+    from atp_jax.data.tokenizer import train_tokenizer
+    from atp_jax.models.config import LlavaConfig
+    from atp_jax.testing.reference import save_hf_model
+
+    train_tokenizer(texts + template_text() * 5, d / "tok", vocab_size=400)
+    cfg = LlavaConfig.tiny(image_token_index=400)
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=402, max_position_embeddings=context))
+    save_hf_model(cfg, d / "hf", seed=0)
+    for f in (d / "tok").iterdir():
+        shutil.copy(f, d / "hf" / f.name)
+    _, flat, _ = convert_hf(d / "hf")
+    save_converted(d / "ckpt", cfg, unflatten(flat), sidecars_from=d / "hf")
+    return d / "ckpt"
 
 
 def load_main(script: Path, name: str):

@@ -6,7 +6,6 @@ as soon as the first test needs them; a resume after a crash mid-line follows th
 """
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import shutil
@@ -21,8 +20,7 @@ from PIL import Image
 from atp_jax.eval import benchmarks as bm
 from atp_jax.eval import runner as er
 from atp_jax.eval.normalize import normalize_answer
-from atp_jax.models.config import LlavaConfig
-from tests.cli_helpers import finished, load_main, read_jsonl, run_main
+from tests.cli_helpers import finished, load_main, read_jsonl, run_main, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "eval.py"
@@ -47,24 +45,10 @@ MMBENCH = [
 
 
 def build_checkpoint(d: Path) -> Path:
-    """A converted tiny LLaVA with a trained 400-piece tokenizer (+ <image>, <pad>) that knows the prompts."""
-    from atp_jax.convert.checkpoint import save_converted
-    from atp_jax.convert.importer import convert_hf, unflatten
-    from atp_jax.data.conversation import template_text
-    from atp_jax.data.tokenizer import train_tokenizer
-    from atp_jax.testing.reference import save_hf_model
-
+    """A tiny checkpoint whose tokenizer knows the prompts."""
     texts = [bm.SHORT_ANSWER, bm.CHOICE_ANSWER, "Context: A photo of a farm.", "yes no cat dog bird red blue green"]
     texts += [q[2] for q in POPE] + [q["question"] for q in MMBENCH]
-    train_tokenizer(texts * 20 + template_text() * 5, d / "tok", vocab_size=400)  # <image> = 400, <pad> = 401
-    cfg = LlavaConfig.tiny(image_token_index=400)
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=402, max_position_embeddings=256))
-    save_hf_model(cfg, d / "hf", seed=0)
-    for f in (d / "tok").iterdir():
-        shutil.copy(f, d / "hf" / f.name)
-    _, flat, _ = convert_hf(d / "hf")
-    save_converted(d / "ckpt", cfg, unflatten(flat), sidecars_from=d / "hf")
-    return d / "ckpt"
+    return tiny_checkpoint(d, texts * 20, 256)
 
 
 def write_jsonl(path: Path, rows) -> Path:

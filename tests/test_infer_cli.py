@@ -5,7 +5,6 @@ the first test needs them; the cheap in-process tests run meanwhile. Greedy deco
 """
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import shutil
@@ -17,11 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atp_jax.data.conversation import template_text
 from atp_jax.infer import runner as rn
 from atp_jax.infer.visualize import GAP, PANEL, TITLE, draw_kept
-from atp_jax.models.config import LlavaConfig
-from tests.cli_helpers import finished, load_main, read_jsonl, run_main
+from tests.cli_helpers import finished, load_main, read_jsonl, run_main, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "infer.py"
@@ -37,23 +34,9 @@ GOOD = {"rgb": ("rgb.jpg", QUESTION), "grey": ("l.png", "Describe the image."),
 
 
 def build_checkpoint(d: Path) -> Path:
-    """A converted tiny LLaVA whose vocabulary is a trained 400-piece tokenizer plus <image> and <pad>."""
-    from atp_jax.convert.checkpoint import save_converted
-    from atp_jax.convert.importer import convert_hf, unflatten
-    from atp_jax.data.tokenizer import train_tokenizer
-    from atp_jax.testing.reference import save_hf_model
-
     texts = ["What is in the picture?", "Describe the image in detail.", "A cat sits on a red mat.",
              "The sky is blue and the grass is green.", "Is there a dog? What colour is it?"] * 20
-    train_tokenizer(texts + template_text() * 5, d / "tok", vocab_size=400)  # <image> = 400, <pad> = 401
-    cfg = LlavaConfig.tiny(image_token_index=400)
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=402, max_position_embeddings=CONTEXT))
-    save_hf_model(cfg, d / "hf", seed=0)
-    for f in (d / "tok").iterdir():
-        shutil.copy(f, d / "hf" / f.name)
-    _, flat, _ = convert_hf(d / "hf")
-    save_converted(d / "ckpt", cfg, unflatten(flat), sidecars_from=d / "hf")
-    return d / "ckpt"
+    return tiny_checkpoint(d, texts, CONTEXT)
 
 
 def write_images(d: Path) -> None:
