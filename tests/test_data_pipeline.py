@@ -16,6 +16,7 @@ from atp_jax.data.conversation import IGNORE_INDEX, SampleError
 from atp_jax.data.pipeline import DataConfig, Preprocess, make_loader
 from atp_jax.data.sources import AnnotationSource, SkipReport
 from atp_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from atp_jax.train.data import shapes_kind
 
 SHAPES = dataclasses.replace(synthetic.ShapesConfig(), image_size=56, train_size=48, val_size=8, test_size=8)
 DATA = DataConfig(image_size=56, max_length=96)
@@ -51,6 +52,29 @@ def test_shapes_are_prepared_once_per_config(shapes):
     assert sorted(p.stat().st_mtime_ns for p in data_dir.rglob("*.array_record*")) == stamp
     other = shapes_data(cache, dataclasses.replace(SHAPES, train_size=8))
     assert other[0] != data_dir  # another generator config never reads this cache
+
+
+def test_a_stage_prepares_only_the_config_it_reads(shapes):
+    cache, data_dir, tokenizer_dir = shapes
+    larger = dataclasses.replace(SHAPES, min_size=0.3, max_size=0.4)
+    only, only_tokenizer = shapes_data(cache, larger, kinds=("caption",))
+    assert sorted(p.name for p in (only / "shapes_vqa").iterdir() if not p.name.startswith(".")) == ["caption"]
+    assert len(source(only, "train", "caption")) == 48
+    # object sizes are not words: both configs train the same tokenizer, so the stages of a chain can mix them
+    assert (only_tokenizer / "tokenizer.model").read_bytes() == (tokenizer_dir / "tokenizer.model").read_bytes()
+    with pytest.raises(ValueError, match="unknown shapes_vqa configs"):
+        shapes_data(cache, larger, kinds=("captions",))
+
+
+@pytest.mark.parametrize("name, kind", [("shapes_vqa/caption", "caption"), ("shapes_vqa/multi:1.2.0", "multi"),
+                                        ("shapes_vqa", "vqa"), ("shapes_vqa:1.2.0", "vqa")])
+def test_source_names_pick_the_shapes_config(name, kind):
+    assert shapes_kind(name) == kind
+
+
+def test_an_unknown_shapes_config_is_named():
+    with pytest.raises(ValueError, match="shapes_vqa/captions"):
+        shapes_kind("shapes_vqa/captions")
 
 
 def test_batches_have_one_shape_and_supervise_only_answers(shapes):

@@ -79,7 +79,8 @@ def test_config_validation():
     for bad in (dict(min_objects=0), dict(min_objects=3, max_objects=2), dict(max_size=0.6),
                 dict(shapes=("circle",)), dict(shapes=("circle", "circle")), dict(colors=(("Red", (1, 2, 3)),) * 2),
                 dict(kind_weights=(("bogus", 1.0),)), dict(max_objects=1, min_objects=1),
-                dict(count_weights=(0.0, 0.0, 0.0)), dict(train_size=-1),
+                dict(count_weights=(0.0, 0.0, 0.0)), dict(train_size=-1), dict(position_max_objects=1),
+                dict(position_max_objects=5),
                 dict(shapes=("circle", "square"), colors=(("red", (255, 0, 0)), ("blue", (0, 0, 255))))):
         with pytest.raises(ValueError):
             ShapesConfig(**bad)
@@ -185,6 +186,25 @@ def test_balance():
             assert 0.45 <= got["yes"] / 1000 <= 0.55, got
         else:
             assert all(0.2 <= got[a] / 1000 <= 0.3 for a in answers), got
+
+
+def test_position_scenes_can_be_limited_to_fewer_objects():
+    full = dataclasses.replace(CFG, kind_weights=(("position", 1.0),))
+    two = dataclasses.replace(full, position_max_objects=2)
+    sizes = {cfg: Counter(len(syn.sample("train", i, cfg)["scene"].objects) for i in range(300)) for cfg in (full, two)}
+    assert set(sizes[full]) == {2, 3, 4} and set(sizes[two]) == {2}
+    s = syn.sample("train", 7, two)
+    a, b = s["scene"].objects[:2]
+    assert syn.relation(a, b) == s["answer"]
+    # the later turns of a conversation ask about position only in scenes that small too
+    mixed = dataclasses.replace(CFG, position_max_objects=2)
+    asked = Counter()
+    for i in range(200):
+        m = syn.multi_sample("train", i, mixed)
+        for turn in m["conversations"][2::2]:
+            if "relative to" in turn["value"]:
+                asked[len(m["scene"].objects)] += 1
+    assert asked[2] > 0 and set(asked) == {2}
 
 
 def test_answer_distributions(train):

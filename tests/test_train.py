@@ -242,3 +242,14 @@ def test_frozen_parameters_get_no_backward_pass():
     before, after = nnx.to_pure_dict(params), nnx.to_pure_dict(new.params)
     np.testing.assert_array_equal(after["llava"]["vision_tower"]["pre_layrnorm"]["scale"],
                                   before["llava"]["vision_tower"]["pre_layrnorm"]["scale"])
+
+
+def test_a_fresh_vision_tower_draws_its_position_embeddings_at_the_configured_std(cache):
+    from atp_jax.train.trainer import build_model
+
+    def std(value):
+        model = build_model(small_config(cache, **{"model.vision_position_std": value}), 100, 99)
+        return float(np.std(np.asarray(model.llava.vision_tower.position_embedding.embedding[...])))
+
+    assert 2.7 < std(3.0) < 3.3
+    assert 0.9 / 32 ** 0.5 < std(0.0) < 1.1 / 32 ** 0.5  # 0: the module's own init (width 32 here)

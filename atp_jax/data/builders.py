@@ -137,17 +137,22 @@ class ShapesVqa(tfds.core.GeneratorBasedBuilder):
 
 
 def shapes_data(cache_dir: str | os.PathLike, shapes: synthetic.ShapesConfig | None = None,
-                tokenizer_vocab: int = 512) -> tuple[Path, Path]:
+                tokenizer_vocab: int = 512, kinds: tuple[str, ...] = synthetic.SAMPLE_KINDS) -> tuple[Path, Path]:
     """The synthetic set prepared on first use: (TFDS data_dir, tokenizer directory) under `cache_dir`, in a
-    folder named after a hash of the generator config, so another config never reads a stale cache. The
-    tokenizer is a LLaMA-style sentencepiece model trained on every string the set can produce."""
+    folder named after a hash of the generator config, so another config never reads a stale cache. `kinds`
+    names the builder configs to prepare (a training stage needs only its own). The tokenizer is a LLaMA-style
+    sentencepiece model trained on every string the set can produce: the same for every config with the same
+    vocabulary, so the stages of a chain that change, say, object sizes share one tokenizer."""
     from atp_jax.data.tokenizer import train_tokenizer
 
+    unknown = set(kinds) - set(synthetic.SAMPLE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown shapes_vqa configs {sorted(unknown)}; expected some of {synthetic.SAMPLE_KINDS}")
     shapes = shapes or synthetic.ShapesConfig()
     key = hashlib.sha256(repr((shapes, tokenizer_vocab, ShapesVqa.VERSION)).encode()).hexdigest()[:12]
     root = Path(cache_dir) / f"shapes-{key}"
     data_dir, tokenizer_dir = root / "tfds", root / "tokenizer"
-    for config in synthetic.SAMPLE_KINDS:
+    for config in kinds:
         ShapesVqa(shapes=shapes, config=config, data_dir=str(data_dir), file_format="array_record"
                   ).download_and_prepare()  # a no-op once prepared; tfds writes to a temporary dir first
     if not tokenizer_dir.exists():

@@ -32,6 +32,8 @@ answers a single word (exact-match evaluation). The answer is drawn first and th
   "above" or "below" (where object 1 is; image coordinates, so "above" means a smaller row), uniform.
   On the asked axis the two boxes do not overlap and the centres are at least `position_margin` of the side
   apart, and the offset on the asked axis is at least `position_ratio` (2x) the offset on the other axis.
+  The scene holds 2 to `max_objects` objects; `position_max_objects` (for training curricula) caps that, also for
+  the position turns of multi-turn samples.
 
 Captions (stage-1 projector pretraining, LLaVA-Pretrain style) list the objects left to right:
 "A red circle, an orange square and a green cross."; they come from their own scenes (random, not built around
@@ -113,6 +115,7 @@ class ShapesConfig:
     exist_negative_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)  # over EXIST_NEGATIVES
     position_margin: float = 0.2  # smallest centre offset on the asked axis
     position_ratio: float = 2.0  # asked-axis offset >= ratio * other-axis offset
+    position_max_objects: int = 0  # position questions only about scenes of at most this many objects (0: any)
     train_size: int = 20000
     val_size: int = 500
     test_size: int = 1000
@@ -152,6 +155,8 @@ class ShapesConfig:
                 raise ValueError(f"{name} must be non-negative with a positive sum, got {w}")
         if dict(self.kind_weights).get("position", 0) > 0 and self.max_objects < 2:
             raise ValueError("position questions need max_objects >= 2")
+        if self.position_max_objects and not 2 <= self.position_max_objects <= self.max_objects:
+            raise ValueError(f"position_max_objects must be 0 or in [2, max_objects], got {self.position_max_objects}")
         for split in SPLITS:
             if self.split_size(split) < 0:
                 raise ValueError(f"{split}_size must be >= 0")
@@ -479,7 +484,7 @@ def _vqa(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Scene, str, str, 
         question, answer = exist_question(color, shape), "yes" if yes else "no"
     else:  # position
         direction = _choice(rng, DIRECTIONS)
-        n = _n_objects(rng, cfg, 2)
+        n = _n_objects(rng, cfg, 2, cfg.position_max_objects or None)
         specs = _pairs(rng, n, shapes, colors)
         (sa, ca), (sb, cb) = specs[0], specs[1]
         subkind, question, answer = "position", position_question((ca, sa), (cb, sb)), direction
@@ -489,8 +494,9 @@ def _vqa(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Scene, str, str, 
 
 def _scene_question(rng: np.random.Generator, scene: Scene, cfg: ShapesConfig) -> tuple[str, str, str] | None:
     """(kind, question, answer) about an existing scene, answered from it (None when the drawn kind has no
-    question here, e.g. no clear relation). Answers are as balanced as the scene allows: exist is yes half of
-    the time; colour asks about a shape that occurs once; position about a clearly separated pair."""
+    question here, e.g. no clear relation, or more objects than `position_max_objects`). Answers are as balanced
+    as the scene allows: exist is yes half of the time; colour asks about a shape that occurs once; position
+    about a clearly separated pair."""
     objs = scene.objects
     present = {(o.shape, o.color) for o in objs}
     kind = _choice(rng, [k for k, _ in cfg.kind_weights], [w for _, w in cfg.kind_weights])
@@ -515,6 +521,8 @@ def _scene_question(rng: np.random.Generator, scene: Scene, cfg: ShapesConfig) -
             return kind, exist_question(o.color, o.shape), "yes"
         _, (shape, color) = _absent_pair(rng, sorted(present), cfg)
         return kind, exist_question(color, shape), "no"
+    if cfg.position_max_objects and len(objs) > cfg.position_max_objects:
+        return None
     clear = [(a, b, d) for a in objs for b in objs if a is not b for d in DIRECTIONS
              if _clear_relation(a, b, d, cfg)]
     if not clear:

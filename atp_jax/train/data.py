@@ -34,19 +34,31 @@ def shapes_config(config) -> synthetic.ShapesConfig:
                                train_size=config.data.shapes_train_size, **fields)
 
 
+def shapes_kind(source: str) -> str:
+    """The shapes_vqa builder config a source names: "shapes_vqa/caption" -> "caption"; bare "shapes_vqa" is TFDS'
+    default, the first config ("vqa")."""
+    name, _, kind = source.partition("/")
+    kind = kind.split(":")[0] or synthetic.SAMPLE_KINDS[0]
+    if name.split(":")[0] != "shapes_vqa" or kind not in synthetic.SAMPLE_KINDS:
+        raise ValueError(f"data.source {source!r}: expected shapes_vqa/<config> with a config among "
+                         f"{synthetic.SAMPLE_KINDS}")
+    return kind
+
+
 def prepare(config) -> Data:
     """Tokenizer and sources. The synthetic set is written by process 0 while the others wait, then read by all."""
     d = config.data
     if d.source.startswith("shapes_vqa"):
         shapes = shapes_config(config)
+        kinds = (shapes_kind(d.source),)
         if jax.process_index() == 0:
-            data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes)
+            data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes, kinds=kinds)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("synthetic data ready")
             if jax.process_index() != 0:  # now only reads what process 0 wrote
-                data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes)
+                data_dir, tokenizer_dir = shapes_data(cache_dir(config), shapes, kinds=kinds)
     else:
         tokenizer_dir = d.tokenizer or config.model.init_from  # a converted checkpoint carries its tokenizer
         if not tokenizer_dir or not d.data_dir:

@@ -66,6 +66,10 @@ def build_model(config, vocab_size: int, image_token_id: int) -> PrunedLlava:
         cfg = LlavaConfig(vision=vision, text=text, image_token_index=image_token_id,
                           image_seq_length=vision.grid * vision.grid)
         llava = LlavaForConditionalGeneration(cfg, policy=policy, rngs=nnx.Rngs(config.seed))
+        std = config.model.get("vision_position_std", 0.0)
+        if std:
+            emb = llava.vision_tower.position_embedding.embedding
+            emb[...] = std * jax.random.normal(jax.random.key(config.seed + 2), emb.shape, emb.dtype)
     pruning = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.pruning.to_dict().items()}
     pcfg = PruningConfig(mode="soft", **pruning)
     llava.language_model.remat = bool(config.model.remat)
