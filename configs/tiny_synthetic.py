@@ -87,8 +87,8 @@ def get_config() -> ConfigDict:
         total_steps=400,
         pruning=dict(method="none"),
         data=dict(source="shapes_vqa/multi", max_length=248),  # 4 questions per image (LLaVA-Instruct style)
-        # The vision tower stays as stage 1 left it (as in LLaVA-1.5): trained here it lost most of the objects'
-        # places from its features, and every baseline then pruned as well as ATP.
+        # The vision tower stays as stage 1 left it (as in LLaVA-1.5): trained here it lost much of the objects'
+        # places from its features, and the baselines then pruned as well as ATP or better.
         optim=dict(lr=1e-3, atp_lr=0.0, vision_lr=0.0)))
     c.stage_overrides.atp = ConfigDict(dict(
         total_steps=200,
