@@ -11,6 +11,7 @@ from atp_jax.data import synthetic as syn
 from atp_jax.data.synthetic import ShapesConfig
 
 CFG = ShapesConfig(train_size=2000, val_size=50, test_size=1000)
+DEFAULT_KINDS = tuple(k for k, _ in CFG.kind_weights)  # "place" is asked only when a config weights it
 WORD = re.compile(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]")
 
 
@@ -72,6 +73,16 @@ def _expected_answer(s):
         if abs(dx) > abs(dy):
             return "position", "left" if dx < 0 else "right"
         return "position", "above" if dy < 0 else "below"
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", q):
+        a, centre = _find(s["scene"], m[1], m[2]), (CFG.image_size - 1) / 2
+        dx, dy = a.center[0] - centre, a.center[1] - centre
+        # the object is clearly off the image's centre on a dominant axis, its box clear of the centre line
+        main, other = (dx, dy) if abs(dx) > abs(dy) else (dy, dx)
+        assert abs(main) >= 2 * abs(other)
+        assert abs(main) >= a.size // 2 and abs(main) >= 0.2 * CFG.image_size
+        if abs(dx) > abs(dy):
+            return "place", "left" if dx < 0 else "right"
+        return "place", "above" if dy < 0 else "below"
     raise AssertionError(f"unexpected question {q!r}")
 
 
@@ -131,7 +142,7 @@ def test_answers_are_correct(train):
         kind, answer = _expected_answer(s)
         assert s["kind"] == kind and s["answer"] == answer, (s["id"], _question(s), s["answer"], s["scene"])
         kinds[kind] += 1
-    assert all(kinds[k] > 100 for k in syn.KINDS), kinds
+    assert all(kinds[k] > 100 for k in DEFAULT_KINDS) and set(kinds) == set(DEFAULT_KINDS), kinds
 
 
 def test_scene_constraints(train, captions):
@@ -178,7 +189,7 @@ def test_rendering(train, captions):
 
 
 def test_balance():
-    for kind, answers in (("exist", ("yes", "no")), ("position", syn.DIRECTIONS)):
+    for kind, answers in (("exist", ("yes", "no")), ("position", syn.DIRECTIONS), ("place", syn.DIRECTIONS)):
         cfg = dataclasses.replace(CFG, kind_weights=((kind, 1.0),))
         got = Counter(syn.sample("train", i, cfg)["answer"] for i in range(1000))
         assert set(got) == set(answers)
@@ -207,10 +218,34 @@ def test_position_scenes_can_be_limited_to_fewer_objects():
     assert asked[2] > 0 and set(asked) == {2}
 
 
+def test_place_questions_ask_where_an_object_is_in_the_image():
+    """Where an object is in the image: answered from the scene, balanced, in scenes of any size, and asked in
+    multi-turn conversations when weighted."""
+    place = dataclasses.replace(CFG, kind_weights=(("place", 1.0),))
+    sizes = Counter()
+    for i in range(300):
+        s = syn.sample("train", i, place)
+        assert (s["kind"], s["answer"]) == _expected_answer(s) and s["subkind"] == "place"
+        sizes[len(s["scene"].objects)] += 1
+    assert set(sizes) == {1, 2, 3, 4}
+    mixed = dataclasses.replace(CFG, kind_weights=(("color", 1.0), ("place", 1.0)))
+    asked = Counter()
+    for i in range(100):
+        m = syn.multi_sample("train", i, mixed)
+        for human, gpt in zip(m["conversations"][2::2], m["conversations"][3::2], strict=True):
+            one = {**m, "conversations": [{"from": "human", "value": "<image>\n" + human["value"]}, gpt],
+                   "answer": gpt["value"]}
+            kind, expected = _expected_answer(one)
+            assert gpt["value"] == expected
+            asked[kind] += 1
+    assert asked["place"] > 50 and asked["color"] > 50, asked
+    assert syn.answers(place)["place"] == syn.DIRECTIONS
+
+
 def test_answer_distributions(train):
     possible = syn.answers(CFG)
     assert possible["count"] == ("zero", "one", "two", "three", "four") and possible["exist"] == ("yes", "no")
-    for kind in syn.KINDS:
+    for kind in DEFAULT_KINDS:
         got = Counter(s["answer"] for s in train if s["kind"] == kind)
         n = sum(got.values())
         assert set(got) == set(possible[kind]), (kind, got)
@@ -221,14 +256,14 @@ def test_answer_distributions(train):
     subkinds = Counter(s["subkind"] for s in train if s["kind"] == "exist")
     assert set(subkinds) == {"positive", "binding", "shape", "random"}, subkinds
     kinds = Counter(s["kind"] for s in train)
-    assert all(0.2 < kinds[k] / len(train) < 0.3 for k in syn.KINDS), kinds
+    assert all(0.2 < kinds[k] / len(train) < 0.3 for k in DEFAULT_KINDS), kinds
 
 
 def test_text_only_baseline_is_near_chance(train, test_split):
     res = syn.text_only_baseline(train, test_split)
     print({k: (round(v["accuracy"], 3), round(v["chance"], 3)) for k, v in res.items()})
-    assert set(res) == set(syn.KINDS) | {"all"}
-    for kind in syn.KINDS:
+    assert set(res) == set(DEFAULT_KINDS) | {"all"}
+    for kind in DEFAULT_KINDS:
         assert res[kind]["n"] > 150
         assert res[kind]["chance"] == pytest.approx(1 / len(syn.answers(CFG)[kind]))
         assert res[kind]["accuracy"] <= res[kind]["chance"] + 0.1, (kind, res[kind])
@@ -269,6 +304,7 @@ def test_all_text_covers_every_word(train, captions):
     assert used <= vocab, used - vocab
     for kind_answers in syn.answers(CFG).values():
         assert set(kind_answers) <= set(texts)
+    assert syn.place_question(("red", "circle")) in texts
     assert {"crosses", "An", "an", "?", ".", ","} <= vocab
     assert len(vocab) < 60, sorted(vocab)
 

@@ -115,7 +115,8 @@ class ShapesVqa(tfds.core.GeneratorBasedBuilder):
     """The built-in synthetic shapes set: `vqa` (one question per image), `multi` (multi-turn conversations about
     the same images) and `caption` (stage 1); train/val/test splits."""
 
-    VERSION = tfds.core.Version("1.2.0")  # 1.1.0: count answers are number words; 1.2.0: the multi config
+    VERSION = tfds.core.Version("1.3.0")  # 1.1.0: count answers are number words; 1.2.0: the multi config;
+    # 1.3.0: the place questions (in the tokenizer text)
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=kind) for kind in synthetic.SAMPLE_KINDS]
 
     def __init__(self, *, shapes: synthetic.ShapesConfig | None = None, **kwargs):

@@ -13,8 +13,8 @@ Vocabulary (defaults, see `ShapesConfig`):
 - background: one of white, light grey and cream per image (drawn uniformly; pass one to fix it).
 - each (shape, colour) pair occurs at most once per scene, so "the red circle" always names one object.
 
-Question kinds, drawn per sample with `ShapesConfig.kind_weights` (default 1/4 each), one question per sample,
-answers a single word (exact-match evaluation). The answer is drawn first and the scene built around it:
+Question kinds, drawn per sample with `ShapesConfig.kind_weights` (default: the first four, 1/4 each), one question
+per sample, answers a single word (exact-match evaluation). The answer is drawn first and the scene built around it:
 
 - ``color``: "What color is the {shape}?" -> a colour name; the shape occurs exactly once in the scene.
   Uniform over the colours for every question.
@@ -34,6 +34,10 @@ answers a single word (exact-match evaluation). The answer is drawn first and th
   apart, and the offset on the asked axis is at least `position_ratio` (2x) the offset on the other axis.
   The scene holds 2 to `max_objects` objects; `position_max_objects` (for training curricula) caps that, also for
   the position turns of multi-turn samples.
+- ``place`` (asked only when `kind_weights` names it): "Where is the {colour} {shape}?" -> "left", "right",
+  "above" or "below": which part of the image the object is in, by the same rule as ``position`` with the image's
+  centre point in place of the second object (its box clear of the centre line, a margin, a dominant axis), uniform.
+  One look-up instead of two and a comparison: a tiny model learns it far sooner than ``position``.
 
 Captions (stage-1 projector pretraining, LLaVA-Pretrain style) list the objects left to right:
 "A red circle, an orange square and a green cross."; they come from their own scenes (random, not built around
@@ -43,7 +47,7 @@ Samples are plain dicts in the LLaVA-Instruct schema::
 
     {"id": "shapes-train-000123", "image": uint8[H, W, 3],
      "conversations": [{"from": "human", "value": "<image>\\n" + question}, {"from": "gpt", "value": answer}],
-     "kind": "color" | "count" | "exist" | "position", "subkind": str, "answer": answer, "scene": Scene}
+     "kind": "color" | "count" | "exist" | "position" | "place", "subkind": str, "answer": answer, "scene": Scene}
 
 and caption samples in the LLaVA-Pretrain schema::
 
@@ -69,7 +73,7 @@ from PIL import Image, ImageDraw
 
 RGB = tuple[int, int, int]
 
-KINDS = ("color", "count", "exist", "position")
+KINDS = ("color", "count", "exist", "position", "place")
 COUNT_MODES = ("shape", "color", "total")
 EXIST_NEGATIVES = ("binding", "shape", "random")
 DIRECTIONS = ("left", "right", "above", "below")
@@ -254,6 +258,11 @@ def position_question(a: tuple[str, str], b: tuple[str, str]) -> str:
     return f"Where is the {a[0]} {a[1]} relative to the {b[0]} {b[1]}?"
 
 
+def place_question(a: tuple[str, str]) -> str:
+    """``a`` is a (colour, shape) pair."""
+    return f"Where is the {a[0]} {a[1]}?"
+
+
 def _caption_text(pairs: Sequence[tuple[str, str]]) -> str:
     """Caption of (colour, shape) pairs in the given order."""
     parts = [_np(c, s) for c, s in pairs]
@@ -280,7 +289,7 @@ def answers(cfg: ShapesConfig = DEFAULT_CONFIG) -> dict[str, tuple[str, ...]]:
     if w_total > 0:
         counts |= set(range(cfg.min_objects, cfg.max_objects + 1))
     return {"color": cfg.color_names, "count": tuple(NUMBER_WORDS[n] for n in sorted(counts)), "exist": ("yes", "no"),
-            "position": DIRECTIONS}
+            "position": DIRECTIONS, "place": DIRECTIONS}
 
 
 def all_text(cfg: ShapesConfig = DEFAULT_CONFIG) -> Iterator[str]:
@@ -305,6 +314,7 @@ def all_text(cfg: ShapesConfig = DEFAULT_CONFIG) -> Iterator[str]:
     yield from once([count_question("total")])
     yield from once(exist_question(c, s) for c, s in pairs)
     yield from once(position_question(a, b) for a in pairs for b in pairs if a != b)
+    yield from once(place_question(a) for a in pairs)
     for kind_answers in answers(cfg).values():
         yield from once(kind_answers)
     yield from once(_caption_text([p]) for p in pairs)
@@ -364,23 +374,51 @@ def relation(a: Obj, b: Obj) -> str:
     return "above" if dy < 0 else "below"
 
 
-def _clear_relation(a: Obj, b: Obj, direction: str, cfg: ShapesConfig) -> bool:
-    """``a`` is clearly ``direction`` of ``b``: separated boxes, a margin, and a dominant axis."""
-    dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]  # > 0: a is left of / above b
-    main, other = {"left": (dx, dy), "right": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[direction]
-    gap = cfg.min_gap * cfg.image_size
-    return (main >= a.half + b.half + gap and main >= cfg.position_margin * cfg.image_size
+def _clear_offset(main: float, other: float, need: float, cfg: ShapesConfig) -> bool:
+    """A centre offset of ``main`` on the asked axis (positive: the asked direction) and ``other`` on the other axis
+    is clear: past ``need`` plus the gap, at least the margin, and dominant."""
+    return (main >= need + cfg.min_gap * cfg.image_size and main >= cfg.position_margin * cfg.image_size
             and main >= cfg.position_ratio * abs(other))
 
 
+def _toward(dx: float, dy: float, direction: str) -> tuple[float, float]:
+    """(offset in ``direction``, offset on the other axis) of a displacement (dx, dy) in image coordinates."""
+    return {"left": (-dx, dy), "right": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[direction]
+
+
+def _clear_relation(a: Obj, b: Obj, direction: str, cfg: ShapesConfig) -> bool:
+    """``a`` is clearly ``direction`` of ``b``: separated boxes, a margin, and a dominant axis."""
+    main, other = _toward(a.center[0] - b.center[0], a.center[1] - b.center[1], direction)
+    return _clear_offset(main, other, a.half + b.half, cfg)
+
+
+def _clear_place(a: Obj, direction: str, cfg: ShapesConfig) -> bool:
+    """``a`` is clearly in the ``direction`` part of the image: its box off the centre line, its centre a margin
+    from the image centre, and a dominant axis."""
+    c = (cfg.image_size - 1) / 2
+    main, other = _toward(a.center[0] - c, a.center[1] - c, direction)
+    return _clear_offset(main, other, a.half, cfg)
+
+
 def _layout(rng: np.random.Generator, cfg: ShapesConfig, specs: Sequence[tuple[str, str]],
-            direction: str | None = None) -> tuple[Obj, ...]:
-    """Place (shape, colour) specs without overlap; with ``direction``, specs[0] is clearly that of specs[1]."""
+            direction: str | None = None, in_image: bool = False) -> tuple[Obj, ...]:
+    """Place (shape, colour) specs without overlap; with ``direction``, specs[0] is clearly that of specs[1], or
+    with ``in_image`` clearly in that part of the image."""
     gap = cfg.min_gap * cfg.image_size
     for _ in range(cfg.max_restarts):
         placed: list[Obj] = []
         start = 0
-        if direction is not None:
+        if direction is not None and in_image:
+            (sa, ca), za = specs[0], _size(rng, cfg)
+            for _ in range(cfg.max_tries * 4):
+                a = Obj(sa, ca, _center(rng, za, cfg), za)
+                if _clear_place(a, direction, cfg):
+                    placed = [a]
+                    break
+            else:
+                continue
+            start = 1
+        elif direction is not None:
             (sa, ca), (sb, cb) = specs[0], specs[1]
             za, zb = _size(rng, cfg), _size(rng, cfg)
             for _ in range(cfg.max_tries * 4):
@@ -482,13 +520,18 @@ def _vqa(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Scene, str, str, 
         else:
             subkind, (shape, color) = _absent_pair(rng, specs, cfg)
         question, answer = exist_question(color, shape), "yes" if yes else "no"
-    else:  # position
+    elif kind == "position":
         direction = _choice(rng, DIRECTIONS)
         n = _n_objects(rng, cfg, 2, cfg.position_max_objects or None)
         specs = _pairs(rng, n, shapes, colors)
         (sa, ca), (sb, cb) = specs[0], specs[1]
         subkind, question, answer = "position", position_question((ca, sa), (cb, sb)), direction
-    scene = Scene(_layout(rng, cfg, specs, direction), bg)
+    else:  # place
+        direction = _choice(rng, DIRECTIONS)
+        specs = _pairs(rng, _n_objects(rng, cfg), shapes, colors)
+        (sa, ca) = specs[0]
+        subkind, question, answer = "place", place_question((ca, sa)), direction
+    scene = Scene(_layout(rng, cfg, specs, direction, in_image=kind == "place"), bg)
     return scene, kind, subkind, question, answer
 
 
@@ -521,6 +564,12 @@ def _scene_question(rng: np.random.Generator, scene: Scene, cfg: ShapesConfig) -
             return kind, exist_question(o.color, o.shape), "yes"
         _, (shape, color) = _absent_pair(rng, sorted(present), cfg)
         return kind, exist_question(color, shape), "no"
+    if kind == "place":
+        clear = [(o, d) for o in objs for d in DIRECTIONS if _clear_place(o, d, cfg)]
+        if not clear:
+            return None
+        o, d = clear[int(rng.integers(len(clear)))]
+        return kind, place_question((o.color, o.shape)), d
     if cfg.position_max_objects and len(objs) > cfg.position_max_objects:
         return None
     clear = [(a, b, d) for a in objs for b in objs if a is not b for d in DIRECTIONS
