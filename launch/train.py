@@ -50,7 +50,7 @@ def main(argv) -> None:
     initialize_distributed(config)
     import jax
 
-    from atp_jax.train.stages import run_stages
+    from atp_jax.train.stages import StageConfigError, run_stages
     from atp_jax.train.trainer import SetupError, TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -67,7 +67,7 @@ def main(argv) -> None:
                 write_report(config, workdir, model_dir)
             return
         last = train(config, workdir)
-    except SetupError as e:  # the config asks for what is not there: no traceback, status 2
+    except (SetupError, StageConfigError) as e:  # the config cannot run as given: no traceback, status 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingError as e:  # the run itself failed (e.g. too many non-finite steps)

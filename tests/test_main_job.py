@@ -1,6 +1,7 @@
 """The main job: the stage chain, the baselines' budgets, the comparison report, and a tiny chain end to end."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,29 @@ def test_run_stages_skips_finished_stages_and_stops_after_an_interrupted_one(tmp
         (tmp_path / name / "model" / "atp_config.json").unlink()
     assert stages.run_stages(config, tmp_path, lambda c, w: fake_train(c, w, finish=False)) is None
     assert calls == ["finetune"]  # stopped early (preempted): the ATP stage does not start
+
+
+def test_a_finished_stage_is_not_reused_under_another_config(tmp_path):
+    def fake_train(config, workdir):
+        (workdir / "model").mkdir(parents=True)
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), default=str))  # as the trainer saves it
+        (workdir / "model" / "atp_config.json").write_text("{}")
+
+    stages.run_stages(chain_config(), tmp_path / "run", fake_train)
+    longer = chain_config(finetune=2400)
+    with pytest.raises(stages.StageConfigError, match=r"stage finetune .*total_steps: 400 -> 2400.*another --workdir"):
+        stages.run_stages(longer, tmp_path / "run", fake_train)
+    other_start = chain_config()
+    other_start.model.init_from = "/checkpoints/vicuna"
+    with pytest.raises(stages.StageConfigError, match=r"stage pretrain .*init_from: '' -> '/checkpoints/vicuna'"):
+        stages.run_stages(other_start, tmp_path / "run", fake_train)
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")  # the later stages' starts move with the workdir
+    config = chain_config()
+    config.mesh.data, config.log_every = 2, 1  # how it runs, not what it trains: the finished stages stand
+    calls = []
+    moved = tmp_path / "moved"
+    assert stages.run_stages(config, moved, lambda c, w: calls.append(w)) == moved / "atp" / "model"
+    assert calls == []
 
 
 @pytest.mark.parametrize("target", [144.0, 100.0, 60.0, 40.0])

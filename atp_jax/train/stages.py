@@ -3,20 +3,31 @@ in its own sub-directory of the workdir, each starting from the model the stage 
 
 A config with ``stages = ("pretrain", "finetune", "atp")`` holds, in ``stage_overrides.<name>``, the fields
 that stage changes (any field of the config, nested like the config itself). Rerunning resumes: a finished
-stage (its exported model is complete) is skipped, an interrupted one resumes from its latest checkpoint.
+stage (its exported model is complete) is skipped, an interrupted one resumes from its latest checkpoint. A finished
+stage is only reused under the config it was trained with: any other value of a field that shapes the training is
+an error that names the fields (a longer or otherwise changed chain needs its own workdir).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
 from atp_jax.convert.checkpoint import CONFIG_FILE
+from atp_jax.train.metrics import CONFIG_FILE as RUN_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 STAGE_FIELDS = ("stages", "stage_overrides", "report")  # fields of the chain itself, not of a stage's run
+# How a stage ran rather than what it trained: a finished stage is reused whatever these say now.
+RUN_FIELDS = ("mesh", "distributed", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+              "keep_checkpoints", "max_bad_steps", "data.cache_dir", "data.worker_count")
+
+
+class StageConfigError(ValueError):
+    """A finished stage in the workdir was trained under another config."""
 
 
 def merged(base: ConfigDict, overrides: ConfigDict, where: str = "") -> ConfigDict:
@@ -52,6 +63,28 @@ def finished(stage_dir: Path) -> bool:
     return (stage_dir / "model" / CONFIG_FILE).is_file()
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def changed_fields(stage_dir: Path, config: ConfigDict, ignore: tuple[str, ...] = RUN_FIELDS) -> list[str]:
+    """'field: saved -> now' for each field outside `ignore` in which `config` differs from the config the run in
+    `stage_dir` saved (none when it saved none)."""
+    path = stage_dir / RUN_CONFIG_FILE  # the trainer writes it when the run starts
+    if not path.is_file():
+        return []
+    before = _flat(json.loads(path.read_text()))
+    now = _flat(json.loads(json.dumps(config.to_dict(), default=str)))  # as the trainer saves it
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+            if before.get(k) != now.get(k) and not any(k == f or k.startswith(f + ".") for f in ignore)]
+
+
 def run_stages(config: ConfigDict, workdir: str | Path, train) -> Path | None:
     """Runs every unfinished stage with `train(config, workdir)`; returns the last stage's exported model, or
     None when a stage stopped early (SIGTERM: it saved a checkpoint, and a rerun resumes it)."""
@@ -60,6 +93,12 @@ def run_stages(config: ConfigDict, workdir: str | Path, train) -> Path | None:
     for i, (name, c) in enumerate(stages, 1):
         stage_dir = workdir / name
         if finished(stage_dir):
+            derived = ("model.init_from",) if i > 1 else ()  # the stage before's model, wherever the workdir is
+            changed = changed_fields(stage_dir, c, RUN_FIELDS + derived)
+            if changed:
+                raise StageConfigError(f"stage {name} in {stage_dir} was trained with another config "
+                                       f"({'; '.join(changed)}); use another --workdir, or remove {stage_dir} to "
+                                       "train it again")
             log.info("stage %d/%d %s: done earlier (%s); skipped", i, len(stages), name, stage_dir / "model")
             continue
         log.info("stage %d/%d %s: %d steps, pruning %s, data %s -> %s", i, len(stages), name, c.total_steps,
