@@ -1,4 +1,4 @@
-"""The shared benchmark model (DESIGN.md section 8), timing helpers and the JSON last line."""
+"""The shared benchmark model (README, "Benchmarks"), timing helpers and the JSON last line."""
 
 from __future__ import annotations
 

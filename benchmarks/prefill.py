@@ -34,7 +34,7 @@ from atp_jax.testing.reference import random_inputs  # noqa: E402
 from benchmarks.common import SEED, TEXT_TOKENS, bench_config, emit, interleaved, print_table  # noqa: E402
 
 BUDGET = 0.25
-ATP_LAYERS = (1, 3, 5)  # DESIGN.md section 8: 4/14/24 of 32 scaled to 8 layers
+ATP_LAYERS = (1, 3, 5)  # 4/14/24 of 32 scaled to 8 layers
 
 
 def set_unit_thresholds(model: PrunedLlava, unit_r: float, unit_s: float) -> None:

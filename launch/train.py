@@ -4,7 +4,8 @@
 
 Without --config: configs/tiny_synthetic.py, the main job: a tiny LLaVA trained in LLaVA-1.5's stages on the
 built-in synthetic set (caption pretraining, instruction tuning, then ATP), then compared on the test split with
-the unpruned model, FastV, PyramidDrop and random pruning at ATP's budget and a text-only guesser (a table,
+the unpruned model, FastV, PyramidDrop and random pruning at ATP's budget, each on the model before ATP tuning
+and on the ATP-tuned one, and a text-only guesser (a table,
 WORKDIR/eval_results.json, a plot and pictures of the kept patches). A config with `stages` runs each stage in
 WORKDIR/<stage>. Rerunning with the same --workdir resumes from the latest checkpoint (finished stages are
 skipped). Multi-host: on a TPU pod slice the processes find each
@@ -81,12 +82,19 @@ def write_report(config, workdir, model_dir) -> None:
     from atp_jax.eval.report import report
     from atp_jax.pruning.checkpoint import CONFIG_FILE, PARAMS_DIR
     from atp_jax.train.data import shapes_config
+    from atp_jax.train.stages import stage_configs
 
     if not (Path(model_dir) / PARAMS_DIR).is_dir() or not (Path(model_dir) / CONFIG_FILE).is_file():
         print(f"no comparison: the last stage's model {model_dir} has no trained ATP modules", file=sys.stderr)
         return
+    reference = stage_configs(config, workdir)[-1][1].model.init_from  # the model the ATP stage started from
+    if not reference:
+        print("no comparison: the ATP stage started from a fresh model, so there is no model before ATP tuning "
+              "to compare with", file=sys.stderr)
+        return
     r = config.report
-    report(model_dir, workdir, shapes_config(config), r.test_size, r.batch_size, r.timing_batch, r.visualizations)
+    report(model_dir, reference, workdir, shapes_config(config), r.test_size, r.batch_size, r.timing_batch,
+           r.visualizations)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def test_stage_configs_chain_each_stage_to_the_model_before_it(tmp_path):
     assert got["finetune"].data.source == "shapes_vqa/multi" and got["finetune"].pruning.method == "none"
     assert got["atp"].data.source == config.data.source == "shapes_vqa/vqa"
     assert got["atp"].pruning.method == "atp" and got["atp"].optim.vision_lr == 0.0
-    assert got["atp"].pruning.target_ratio == config.pruning.target_ratio
+    assert got["atp"].pruning.target_ratio == config.stage_overrides.atp.pruning.target_ratio
+    assert got["atp"].pruning.temperature == config.pruning.temperature  # not overridden: the base config's
     assert all("stages" not in c and "report" not in c for c in got.values())
 
 
@@ -80,8 +81,8 @@ def test_a_finished_stage_is_not_reused_under_another_config(tmp_path):
         (workdir / "model" / "atp_config.json").write_text("{}")
 
     stages.run_stages(chain_config(), tmp_path / "run", fake_train)
-    longer = chain_config(finetune=2400)
-    with pytest.raises(stages.StageConfigError, match=r"stage finetune .*total_steps: 400 -> 2400.*another --workdir"):
+    longer = chain_config(finetune=3000)
+    with pytest.raises(stages.StageConfigError, match=r"stage finetune .*total_steps: 2400 -> 3000.*another --workdir"):
         stages.run_stages(longer, tmp_path / "run", fake_train)
     other_start = chain_config()
     other_start.model.init_from = "/checkpoints/vicuna"
@@ -114,17 +115,23 @@ def test_fastv_counts_clip_at_what_the_first_layers_already_spend():
     assert ev.fastv_counts(np.array([10.0]), 2, 144, 8)[0, 0] == 0
 
 
-def fake_results(atp_acc=0.8, unpruned_acc=0.82, baseline_acc=0.6, text_only=0.3, atp_fraction=0.3):
+def fake_results(atp_acc=0.8, unpruned_acc=0.82, baseline_acc=0.6, text_only=0.3, atp_fraction=0.3,
+                 best_baseline=None):
     kinds = ("color", "count")
 
-    def method(name, acc, frac):
-        return {"method": name, "accuracy": acc, "per_kind": dict.fromkeys(kinds, acc),
+    def method(model, name, acc, frac):
+        return {"model": model, "method": name, "accuracy": acc, "per_kind": dict.fromkeys(kinds, acc),
                 "avg_visual_tokens": 144 * frac, "visual_token_fraction": frac, "flops_ratio": frac,
                 "prefill_ms": 10.0}
 
-    methods = {"unpruned": method("unpruned", unpruned_acc, 1.0), "atp": method("ATP", atp_acc, atp_fraction)}
-    for key, name in rp.BASELINES:
-        methods[key] = method(name, baseline_acc, atp_fraction)
+    methods = {rp.ATP: method("ATP-tuned", "ATP", atp_acc, atp_fraction)}
+    methods[rp.ATP]["budget_spread"] = {"min": 0.1, "median": 0.3, "max": 0.6}
+    for model_key, model_name in rp.MODELS:
+        methods[f"{model_key}/unpruned"] = method(model_name, "unpruned", unpruned_acc, 1.0)
+        for key, name in rp.BASELINES:
+            methods[f"{model_key}/{key}"] = method(model_name, name, baseline_acc, atp_fraction)
+    if best_baseline is not None:
+        methods["before_atp/pdrop"]["accuracy"] = best_baseline
     guesser = {"method": "text-only guesser", "accuracy": text_only, "per_kind": dict.fromkeys(kinds, text_only)}
     return {"methods": methods, "text_only": guesser, "num_visual_tokens": 144, "test_questions": 10,
             "targets": rp.targets(methods, guesser)}
@@ -136,13 +143,34 @@ def test_targets_say_which_are_met():
     bad = fake_results(atp_acc=0.7, baseline_acc=0.75, text_only=0.78, atp_fraction=0.4)["targets"]
     assert not any(t["met"] for t in bad.values()), bad
     assert bad["atp_keeps_accuracy"]["value"] == pytest.approx(0.7 / 0.82)
+    one_better = fake_results(atp_acc=0.8, best_baseline=0.81)["targets"]["atp_beats_every_baseline"]
+    assert not one_better["met"] and one_better["best"] == "before_atp/pdrop"  # the best row, whichever model
+    assert one_better["value"] == pytest.approx(-0.01) and len(one_better["per_row"]) == 6
+
+
+def test_atp_is_held_against_the_model_before_atp_tuning():
+    results = fake_results(atp_acc=0.78)
+    results["methods"]["before_atp/unpruned"]["accuracy"] = 0.9  # the tuned model's unpruned row stays at 0.82
+    kept = rp.targets(results["methods"], results["text_only"])["atp_keeps_accuracy"]
+    assert kept["value"] == pytest.approx(0.78 / 0.9) and not kept["met"]
+
+
+def test_budget_spread():
+    run = ev.MethodRun(predictions=[], visual_per_layer=np.array([[144, 14.4], [144, 72], [144, 144]], float),
+                       counts=np.zeros((3, 1)), kept=[])
+    assert rp.budget_spread(run, 144) == pytest.approx({"min": 0.55, "median": 0.75, "max": 1.0})
 
 
 def test_table_and_plot(tmp_path):
     results = fake_results()
     text = rp.table(results)
     assert "text-only guesser" in text and "PyramidDrop" in text and "MISSED" not in text
-    assert "43.2 (30%)" in text
+    assert "43.2 (30%)" in text and "before ATP" in text and "ATP-tuned" in text
+    assert "min 0.100, median 0.300, max 0.600" in text
+    lines = text.splitlines()
+    rows = [line.split()[:3] for line in lines[3:12]]  # after the head, the rule and the guesser
+    assert all(r[:2] == ["before", "ATP"] for r in rows[:4]) and rows[4] == ["ATP-tuned", "ATP", "0.800"]
+    assert all(r[0] == "ATP-tuned" for r in rows[4:])
     path = rp.plot(results, tmp_path / "plot.png")
     from PIL import Image
 
@@ -160,14 +188,19 @@ def test_the_main_job_end_to_end_on_a_tiny_chain(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "run"
     results = json.loads((run / "eval_results.json").read_text())
-    assert set(results["methods"]) == {"unpruned", "atp", "fastv", "pdrop", "random"}
+    rows = {f"{model}/{method}" for model in ("before_atp", "atp_tuned")
+            for method in ("unpruned", "fastv", "pdrop", "random")}
+    assert set(results["methods"]) == rows | {"atp_tuned/atp"}
     for m in results["methods"].values():
         assert set(m) >= {"accuracy", "avg_visual_tokens", "flops_ratio", "per_kind", "prefill_ms"}
         assert set(m["per_kind"]) == {"color", "count", "exist", "position"}
-    full, atp = results["methods"]["unpruned"], results["methods"]["atp"]
+    full, atp = results["methods"]["before_atp/unpruned"], results["methods"]["atp_tuned/atp"]
     assert full["avg_visual_tokens"] == results["num_visual_tokens"] and full["flops_ratio"] == pytest.approx(1.0)
-    for key in ("fastv", "pdrop", "random"):  # the baselines run at ATP's budget
+    for key in rows - {"before_atp/unpruned", "atp_tuned/unpruned"}:  # the baselines run at ATP's budget
         assert abs(results["methods"][key]["avg_visual_tokens"] - atp["avg_visual_tokens"]) <= 1.5, key
+    assert results["models"]["before_atp"].endswith("pretrain/model")  # the model the ATP stage started from
+    spread = atp["budget_spread"]
+    assert spread["min"] <= spread["median"] <= spread["max"]
     assert "text-only guesser" in proc.stdout and "accuracy" in proc.stdout
     assert (run / "accuracy_vs_tokens.png").stat().st_size > 0
     assert len(list((run / "visualizations").glob("*.png"))) == 2

@@ -187,7 +187,7 @@ def test_frozen_params_have_no_state_and_do_not_move(params):
 
 
 def test_nnx_optimizer_integration(model):
-    """nnx.Optimizer (DESIGN: wrt=nnx.Param) passes pure trees to tx.update; labels must still resolve."""
+    """nnx.Optimizer (wrt=nnx.Param) passes pure trees to tx.update; labels must still resolve."""
     model = nnx.clone(model)
     before_state = nnx.state(model, nnx.Param)
     before = flat(before_state)

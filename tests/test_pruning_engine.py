@@ -315,3 +315,65 @@ def test_compact_edge_cases_without_nans(llava):
     np.testing.assert_allclose(plain.logits, forward(llava, text_only).logits, atol=1e-5)
     image_last = ids[:, : 1 + CFG.num_image_tokens]
     assert np.isfinite(np.asarray(prefill_compact(pruned(llava, mode="masked"), image_last, pixels).logits)).all()
+
+
+# ---- the side paths read the prompt only --------------------------------------------------------------------
+
+
+def with_answer(ids, answer):
+    """Prompt rows with `answer` tokens appended, their labels (only the answer supervised) and prompt mask."""
+    from atp_jax.pruning.engine import prompt_mask
+
+    full = jnp.concatenate([ids, jnp.asarray(answer, jnp.int32)], axis=1)
+    labels = jnp.where(jnp.arange(full.shape[1]) >= ids.shape[1], full, -100)
+    return full, labels, prompt_mask(labels)
+
+
+@pytest.mark.parametrize("method,mode", [("atp", "soft"), ("atp", "masked"), ("fastv", "soft"), ("pdrop", "masked"),
+                                         ("random", "soft")])
+def test_answer_tokens_choose_no_mask(llava, method, mode):
+    """In training the masks hide visual keys from the positions that predict the answer: no answer token may
+    take part in choosing them (soft weights, hard decisions, counts and thresholds all unchanged)."""
+    model = pruned(llava, method=method, mode=mode, pdrop_layers=(1, 2, 3))
+    ids, pixels = batch(3, seed=12)
+    rng = np.random.default_rng(0)
+    one, labels, prompt = with_answer(ids, rng.integers(3, 60, (3, 6)))
+    other, _, _ = with_answer(ids, rng.integers(60, 120, (3, 6)))
+    a, b = model(one, pixels, prompt=prompt), model(other, pixels, prompt=prompt)
+    for field in ("keep", "counts", "thresholds", "scores"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-6, rtol=0, err_msg=field)
+    if method == "atp":  # the check can fail: reading the answer as queries moves the scores
+        leaky = model(other, pixels)
+        assert not np.allclose(leaky.scores, b.scores, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["atp", "fastv", "random"])
+def test_training_scores_what_inference_scores(llava, method):
+    """One prompt: masked mode with an answer appended (training's view) and the inference paths on the prompt
+    alone (masked and compact) give the same scores, thresholds and kept sets at every module."""
+    from atp_jax.pruning.compact import prefill_compact
+
+    model = pruned(llava, method=method, mode="masked")
+    ids, pixels = batch(2, seed=13)
+    full, _, prompt = with_answer(ids, np.random.default_rng(1).integers(3, 120, (2, 5)))
+    train = model(full, pixels, prompt=prompt)
+    infer = model(ids, pixels)
+    compact = prefill_compact(model, ids, pixels)
+    np.testing.assert_allclose(train.scores, infer.scores, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(train.thresholds, infer.thresholds, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(train.keep, infer.keep)
+    np.testing.assert_array_equal(compact.keep, infer.keep)
+    assert 0 < float(infer.counts[:, -1].min()) < CFG.num_image_tokens  # something kept, something dropped
+
+
+def test_prompt_mask_and_token_roles():
+    from atp_jax.pruning.engine import prompt_mask, token_roles
+
+    labels = jnp.array([[-100, -100, -100, 7, 8, -100, -100, 9], [-100] * 8])
+    prompt = prompt_mask(labels)
+    np.testing.assert_array_equal(prompt, [[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8])
+    image = jnp.array([[0, 1, 0, 0, 0, 0, 0, 0]] * 2, bool)
+    valid = jnp.array([[1] * 8, [1] * 6 + [0, 0]], bool)
+    text, last, _ = token_roles(jnp.arange(16).reshape(2, 8), image, valid, jnp.ones(2, bool), prompt)
+    np.testing.assert_array_equal(text, [[0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(last, [[0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 0, 0]])

@@ -115,11 +115,31 @@ def test_compaction():
 def test_visual_tokens_per_layer_and_losses():
     per_layer = visual_tokens_per_layer(jnp.array([[100.0, 50.0]]), (1, 2), 4, jnp.array([200.0]))
     np.testing.assert_array_equal(per_layer, [[200, 200, 100, 50]])
-    l_atp, l_target, avg = budget_losses(jnp.array([[100.0, 50.0], [20.0, 10.0]]), (1, 2), 4, 200,
-                                         jnp.array([1.0, 0.0]), target_ratio=0.25)
-    np.testing.assert_allclose(l_atp, [100 / 200 * 1 / 4 + 50 / 200 * 2 / 4, 0])
-    np.testing.assert_allclose(avg, [137.5, 0])
-    np.testing.assert_allclose(l_target, [abs(137.5 / 200 - 0.25), 0])
+    counts = jnp.array([[100.0, 50.0], [20.0, 10.0], [0.0, 0.0]])  # the third row has no image
+    has_image = jnp.array([1.0, 1.0, 0.0])
+    l_atp, l_target, avg = budget_losses(counts, (1, 2), 4, 200, has_image, target_ratio=0.25)
+    # per-layer tokens [200, 200, 100, 50] and [200, 200, 20, 10]: averages 137.5 and 107.5
+    assert float(l_atp) == pytest.approx((100 / 200 * 2 / 4 + 50 / 200 * 3 / 4 + 20 / 200 * 2 / 4 + 10 / 200 * 3 / 4)
+                                         / 2)
+    assert float(avg) == pytest.approx(122.5)
+    assert float(l_target) == pytest.approx(abs(122.5 / 200 - 0.25))
+    _, l_inst, _ = budget_losses(counts, (1, 2), 4, 200, has_image, target_ratio=0.25, scope="instance")
+    assert float(l_inst) == pytest.approx((abs(137.5 / 200 - 0.25) + abs(107.5 / 200 - 0.25)) / 2)
+
+
+def test_the_batch_target_leaves_instances_free_and_no_module_weighs_zero():
+    """At the batch's budget one instance may keep twice what another keeps at no target cost; the per-instance
+    target charges both. The module after layer 0 still costs tokens."""
+    has_image = jnp.ones(2)
+    spread = jnp.array([[40.0], [10.0]])  # one module after layer 0 of 2: averages (200 + 40) / 2, (200 + 10) / 2
+    _, batch, _ = budget_losses(spread, (0,), 2, 200, has_image, target_ratio=(120 + 105) / 2 / 200)
+    _, inst, _ = budget_losses(spread, (0,), 2, 200, has_image, target_ratio=(120 + 105) / 2 / 200,
+                               scope="instance")
+    assert float(batch) == pytest.approx(0.0, abs=1e-7) and float(inst) == pytest.approx(7.5 / 200)
+    grad = jax.grad(lambda c: budget_losses(c, (0,), 2, 200, has_image, 0.5)[0])(spread)
+    np.testing.assert_allclose(grad, 1 / 200 * 1 / 2 / 2)  # d/dN of mean_i (N_i / 200) * (0 + 1) / 2
+    with pytest.raises(ValueError, match="scope"):
+        budget_losses(spread, (0,), 2, 200, has_image, 0.5, scope="every")
 
 
 def test_flops():

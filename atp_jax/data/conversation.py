@@ -1,6 +1,6 @@
 """LLaVA-1.5 conversations: templates, tokenization with `<image>` splicing, label masking, truncation.
 
-The text is built as LLaVA builds it (DESIGN.md section 2) and split at each `<image>`; every chunk is
+The text is built as LLaVA builds it (docs/method.md, section 1) and split at each `<image>`; every chunk is
 tokenized on its own and joined with image placeholders, as LLaVA's `tokenizer_image_token` does, so token
 ids match the original recipe. Labels come from character spans instead of LLaVA's length arithmetic: a
 token is supervised when it overlaps an answer span (the answer and its `</s>`, or a caption and its

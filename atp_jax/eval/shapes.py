@@ -145,14 +145,9 @@ def pdrop_counts(target_avg: np.ndarray, stage_layers: Sequence[int], num_visual
 
 
 def baseline_model(llava, method: str, atp: PruningConfig) -> PrunedLlava:
-    """A ranked baseline on the same LLaVA: random on ATP's module layers; FastV and PyramidDrop on their own
-    placements scaled to the decoder depth."""
-    n = llava.config.text.num_hidden_layers
-    scaled = PruningConfig().scaled_to(n)
-    pcfg = dataclasses.replace(atp, method=method, mode="masked", fastv_layer=scaled.fastv_layer,
-                               pdrop_layers=scaled.pdrop_layers,
-                               random_schedule=tuple(0.5 ** (i + 1) for i in range(len(atp.atp_layers))))
-    return PrunedLlava(llava, pcfg, rngs=nnx.Rngs(0))
+    """A ranked baseline on `llava` where ATP's saved config places it (what `launch/infer.py --prune METHOD`
+    runs): random on ATP's module layers, FastV and PyramidDrop on their own layers."""
+    return PrunedLlava(llava, dataclasses.replace(atp, method=method, mode="masked"), rngs=nnx.Rngs(0))
 
 
 def counts_at_budget(model: PrunedLlava, atp_run: MethodRun) -> np.ndarray:

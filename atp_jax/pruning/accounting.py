@@ -22,19 +22,34 @@ def visual_tokens_per_layer(module_counts: Float[Array, "B M"], module_layers: t
 
 
 def budget_losses(soft_counts: Float[Array, "B M"], module_layers: tuple[int, ...], num_layers: int,
-                  num_visual: int, has_image: Float[Array, " B"], target_ratio: float):
-    """Per instance: L_atp = sum_k (N_k / N_img) (l_k / L), L_target = |avg / N_img - rho| and the average
-    visual tokens over all decoder layers (the paper's accounting). Image-less rows give 0 losses.
+                  num_visual: int, has_image: Float[Array, " B"], target_ratio: float, scope: str = "batch"):
+    """The budget losses over the rows with an image, and their average visual tokens per decoder layer.
+
+    L_atp = mean_i sum_k (N_ik / N_img) (l_k + 1) / L: module k after layer l_k weighs the l_k + 1 layers that
+    have run, so no module weighs zero. L_target binds the average visual tokens over all decoder layers
+    (the paper's accounting), N_i: scope "batch" = |mean_i(N_i / N_img) - rho| (the batch meets the budget,
+    each instance keeps what it needs); "instance" = mean_i |N_i / N_img - rho| (every instance pulled to rho).
+
+    Example: counts [[100, 50], [20, 10]], layers (1, 2) of 4, N_img 200, rows [1, 1], rho 0.25: per-layer
+    tokens [200, 200, 100, 50] and [200, 200, 20, 10], N = [137.5, 107.5]; L_atp = mean(0.5 * 2/4 + 0.25 * 3/4,
+    0.1 * 2/4 + 0.05 * 3/4) = 0.2625; batch L_target = |0.6125 - 0.25| = 0.3625.
     """
     n_img = float(num_visual)
+    rows = jnp.maximum(has_image.sum(), 1.0)
     share = soft_counts / n_img  # [B, M]
-    depth = jnp.asarray(module_layers, jnp.float32) / num_layers  # [M]
-    l_atp = (share * depth).sum(-1)
+    depth = (jnp.asarray(module_layers, jnp.float32) + 1) / num_layers  # [M]
+    l_atp = ((share * depth).sum(-1) * has_image).sum() / rows
     per_layer = visual_tokens_per_layer(soft_counts, module_layers, num_layers,
                                         jnp.full(soft_counts.shape[:1], n_img))
-    avg = per_layer.mean(-1)
-    l_target = jnp.abs(avg / n_img - target_ratio)
-    return l_atp * has_image, l_target * has_image, avg * has_image
+    ratio = per_layer.mean(-1) / n_img  # [B]
+    mean_ratio = (ratio * has_image).sum() / rows
+    if scope == "batch":
+        l_target = jnp.abs(mean_ratio - target_ratio)
+    elif scope == "instance":
+        l_target = (jnp.abs(ratio - target_ratio) * has_image).sum() / rows
+    else:
+        raise ValueError(f"scope {scope!r}: expected 'batch' or 'instance'")
+    return l_atp, l_target, mean_ratio * n_img
 
 
 # ---- analytic FLOPs (a multiply-add counts 2) ------------------------------------------------------------------

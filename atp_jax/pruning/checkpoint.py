@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from atp_jax.pruning.config import PruningConfig
+from atp_jax.pruning.config import PruningConfig, fit_to_depth
 from atp_jax.pruning.engine import PrunedLlava
 
 CONFIG_FILE = "pruning_config.json"
@@ -60,7 +60,8 @@ def has_pruning(directory: str | Path) -> bool:
 def load_pruned(directory: str | Path, llava, rngs: nnx.Rngs | None = None, **overrides) -> tuple[PrunedLlava, bool]:
     """The pruned model for a checkpoint directory and whether its thresholds were trained: the saved config
     and thresholds when present (fields in `overrides`, e.g. `mode`, replace saved ones), otherwise the
-    default config placed for this decoder depth, with `overrides`."""
+    default config placed for this decoder depth, with `overrides`. Every method runs at the placement the
+    config holds (`method="fastv"` prunes where the main job's report runs FastV)."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()  # orbax reads absolute paths only
@@ -69,7 +70,7 @@ def load_pruned(directory: str | Path, llava, rngs: nnx.Rngs | None = None, **ov
         saved = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))
         pcfg = dataclasses.replace(saved, **overrides)
     else:
-        saved, pcfg = None, dataclasses.replace(PruningConfig().scaled_to(n_layers), **overrides)
+        saved, pcfg = None, dataclasses.replace(fit_to_depth({}, n_layers), **overrides)
     model = PrunedLlava(llava, pcfg, rngs=rngs or nnx.Rngs(0))
     trained = (saved is not None and saved.method == pcfg.method == "atp" and saved.atp_layers == pcfg.atp_layers
                and (directory / PARAMS_DIR).is_dir())

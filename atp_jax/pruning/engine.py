@@ -36,22 +36,37 @@ class PrunedOutput:
     counts: Float[Array, "B M"]  # visual tokens kept after each module (soft sums in soft mode)
     visual_per_layer: Float[Array, "B L"]  # visual tokens entering each decoder layer
     thresholds: Float[Array, "B M 2"]  # (theta_r, theta_s) per module; zeros for methods without them
+    scores: Float[Array, "B M P"]  # ATP's redundancy score S_red at each module (0 off the kept set, other methods)
     has_image: Bool[Array, " B"]
     cache: tuple[Segment, ...] | None = None  # the KV cache per segment of layers, when asked for
 
 
+def prompt_mask(labels: Int[Array, "B T"], ignore_index: int = -100) -> Bool[Array, "B T"]:
+    """The prompt of each training row: every token before its first supervised one (labels[t] != ignore_index).
+    A row with no supervised token is all prompt. Example: labels [[-100, -100, 7, -100, 9]] -> [[1, 1, 0, 0, 0]].
+    """
+    return jnp.cumsum(labels != ignore_index, axis=1) == 0
+
+
 def token_roles(input_ids: Int[Array, "B T"], image_mask: Bool[Array, "B T"], valid: Bool[Array, "B T"],
-                has_image: Bool[Array, " B"]):
-    """Which tokens query the side paths, and a per-instance seed: (text_weight [B, T]: the text after the image,
-    ATP's cross-attention queries; last_weight [B, T]: the prompt's last token, FastV/PyramidDrop's query;
-    row_seed [B]: a hash of the row's real tokens, so random choices do not depend on batch or padding)."""
+                has_image: Bool[Array, " B"], prompt: Bool[Array, "B T"] | None = None):
+    """Which tokens query the side paths, and a per-instance seed.
+
+    `prompt`: the tokens a model may read before it answers (None at inference: every token). In training it
+    is `prompt_mask(labels)`, so no answer token (nor any token after one) ever chooses which visual keys are
+    hidden, and training scores exactly the queries inference scores. Returns (text_weight [B, T]: the prompt
+    text after the image, ATP's cross-attention queries; last_weight [B, T]: the prompt's last token,
+    FastV/PyramidDrop's query; row_seed [B]: a hash of the row's prompt tokens, so random choices depend on
+    neither batch, padding nor answer).
+    """
     t = input_ids.shape[1]
+    prompt = valid if prompt is None else valid & prompt
     last_visual = jnp.max(jnp.where(image_mask, jnp.arange(t), -1), axis=1)  # [B]
-    text_weight = ((jnp.arange(t)[None] > last_visual[:, None]) & valid & has_image[:, None]).astype(jnp.float32)
-    last_valid = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)
-    last_weight = (jnp.arange(t)[None] == last_valid[:, None]).astype(jnp.float32)
-    ids = jnp.where(valid, input_ids, 0)
-    row_seed = (ids * (2 * jnp.cumsum(valid, axis=1) + 1)).sum(axis=1) % (2**31 - 1)
+    text_weight = ((jnp.arange(t)[None] > last_visual[:, None]) & prompt & has_image[:, None]).astype(jnp.float32)
+    last_prompt = jnp.max(jnp.where(prompt, jnp.arange(t), -1), axis=1)
+    last_weight = (jnp.arange(t)[None] == last_prompt[:, None]).astype(jnp.float32)
+    ids = jnp.where(prompt, input_ids, 0)
+    row_seed = (ids * (2 * jnp.cumsum(prompt, axis=1) + 1)).sum(axis=1) % (2**31 - 1)
     return text_weight, last_weight, row_seed
 
 
@@ -92,7 +107,8 @@ def select_queries(q: Float[Array, "B T N H"], weight: Float[Array, "B T"], n: i
 
 def atp_decision(mlp: ThresholdMLP, q_vis, k_vis, q_text, text_weight: Float[Array, "B Q"],
                  keep: Float[Array, "B P"], sap: Float[Array, "B P"], pcfg: PruningConfig, soft: bool):
-    """One ATP module: redundancy scores on the side path, instance thresholds, the new cumulative keep."""
+    """One ATP module: redundancy scores on the side path, instance thresholds, the new cumulative keep:
+    (keep [B, P], thresholds [B, 2], S_red [B, P])."""
     kept = keep > 0.5
     key_bias_vis = jnp.log(keep + pcfg.log_eps) if soft else jnp.where(kept, 0.0, NEG_INF)
     s_self = minmax_normalise(attention_received(q_vis, k_vis, key_bias_vis, keep), kept)
@@ -105,7 +121,7 @@ def atp_decision(mlp: ThresholdMLP, q_vis, k_vis, q_text, text_weight: Float[Arr
         new = keep * soft_keep(s_red, sap, theta_r, theta_s, pcfg.temperature)
     else:
         new = keep * hard_keep(s_red, sap, theta_r, theta_s)
-    return new, jnp.stack([theta_r, theta_s], axis=-1)
+    return new, jnp.stack([theta_r, theta_s], axis=-1), s_red
 
 
 def spatial_threshold(sap: np.ndarray, target_ratio: float) -> float:
@@ -149,15 +165,15 @@ def ranked_decision(m: int, keep: Float[Array, "B P"], vis_id: Int[Array, "B P"]
 def decide(model: PrunedLlava, m: int, keep, vis_slot, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
            soft: bool, max_text: int, counts: Int[Array, "B M"] | None = None):
     """Module `m`'s new keep weights for the visual entries at `vis_slot` (ids `vis_id`) of the current frame,
-    and its thresholds. The same code serves the full frame (masked, soft) and compacted ones. `max_text`
+    its thresholds and its redundancy scores (ATP; zeros for the other methods). The same code serves the full frame (masked, soft) and compacted ones. `max_text`
     bounds the text tokens after the image (ATP's cross queries are gathered to that static count)."""
     pcfg, cfg = model.pcfg, model.llava.config
     sap_np = sap_for(cfg, pcfg)
     sap = jnp.asarray(sap_np)[vis_id]  # [B, P']
-    theta = jnp.zeros((keep.shape[0], 2))
+    theta, score = jnp.zeros((keep.shape[0], 2)), jnp.zeros_like(keep)
     if pcfg.method == "atp":
         q_text, text_weight = select_queries(q, text_weight, min(max_text, q.shape[1]))
-        keep, theta = atp_decision(model.thresholds[m], gather_tokens(q, vis_slot), gather_tokens(k, vis_slot),
+        keep, theta, score = atp_decision(model.thresholds[m], gather_tokens(q, vis_slot), gather_tokens(k, vis_slot),
                                    q_text, text_weight, keep, sap, pcfg, soft)
     elif pcfg.method == "spatial":
         gap = sap - spatial_threshold(sap_np, pcfg.target_ratio)
@@ -166,7 +182,7 @@ def decide(model: PrunedLlava, m: int, keep, vis_slot, vis_id, q, k, seq_keep, t
         q_last, _ = select_queries(q, last_weight, 1)
         keep = ranked_decision(m, keep, vis_id, q_last, k, seq_keep, vis_slot, row_seed, cfg.num_image_tokens, pcfg,
                                None if counts is None else counts[:, m])
-    return keep, theta
+    return keep, theta, score
 
 
 def check_counts(counts, pcfg: PruningConfig, batch: int, num_modules: int):
@@ -198,8 +214,10 @@ class PrunedLlava(nnx.Module):
                                     for _ in layers]) if pcfg.method == "atp" else nnx.List([])
 
     def __call__(self, input_ids: Int[Array, "B T"], pixel_values=None, attention_mask=None,
-                 counts: Int[Array, "B M"] | None = None, return_cache: bool = False) -> PrunedOutput:
-        """`counts`: for the ranked baselines (random, FastV, PyramidDrop), the visual tokens each instance
+                 counts: Int[Array, "B M"] | None = None, return_cache: bool = False,
+                 prompt: Bool[Array, "B T"] | None = None) -> PrunedOutput:
+        """`prompt`: in training, `prompt_mask(labels)`: only prompt tokens query the side paths (see
+        `token_roles`); None (inference) when the whole input is the prompt. `counts`: for the ranked baselines (random, FastV, PyramidDrop), the visual tokens each instance
         keeps after each module instead of the method's schedule, e.g. another method's `PrunedOutput.counts`.
         `return_cache`: also the KV cache, one segment per run of layers between modules, its pruned keys
         hidden (`masked` mode: the cache keeps every slot)."""
@@ -211,12 +229,13 @@ class PrunedLlava(nnx.Module):
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         has_image = image_mask.any(axis=1) & (pixel_values is not None)
         vis_idx = visual_positions(image_mask, p)  # [B, P]
-        text_weight, last_weight, row_seed = token_roles(input_ids, image_mask, valid, has_image)
+        prompt = valid if prompt is None else valid & prompt
+        text_weight, last_weight, row_seed = token_roles(input_ids, image_mask, valid, has_image, prompt)
         positions = positions_from_mask(attention_mask, b, t)
         pad = padding_bias(attention_mask)
         vis_id = jnp.broadcast_to(jnp.arange(p), (b, p))  # the full frame holds every visual token, in order
         keep = jnp.ones((b, p), jnp.float32)
-        keeps, thetas, cache = [], [], []
+        keeps, thetas, scores, cache = [], [], [], []
         start = 0
         modules = self.module_layers if pixel_values is not None else ()  # nothing to prune without an image
         counts = check_counts(counts, pcfg, b, len(self.module_layers))
@@ -234,12 +253,14 @@ class PrunedLlava(nnx.Module):
             if layer is None:
                 break
             q, k = out[1]
-            seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * valid
-            keep, theta = decide(self, m, keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
+            # The keys the baselines' query (the prompt's last token) sees: the prompt's, as at inference.
+            seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * prompt
+            keep, theta, score = decide(self, m, keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
                                  soft, max_text=max(1, t - p), counts=counts)
             keep = jnp.where(has_image[:, None], keep, 0.0)
             keeps.append(keep)
             thetas.append(theta)
+            scores.append(score)
             if pcfg.position_mode == "contiguous":
                 seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) > 0.5
                 positions = positions_from_mask(seq_keep & valid, b, t)
@@ -252,6 +273,7 @@ class PrunedLlava(nnx.Module):
         return PrunedOutput(logits=logits, keep=keep_all, counts=counts,
                             visual_per_layer=visual_tokens_per_layer(counts, modules, n_layers, num_visual),
                             thresholds=jnp.stack(thetas, axis=1) if thetas else jnp.zeros((b, n_modules, 2)),
+                            scores=jnp.stack(scores, axis=1) if scores else jnp.zeros((b, n_modules, p)),
                             has_image=has_image, cache=tuple(cache) if return_cache else None)
 
     def _bias(self, keep, vis_idx, has_image, length, pad):
@@ -260,11 +282,10 @@ class PrunedLlava(nnx.Module):
         return bias if pad is None else bias + pad
 
     def losses(self, out: PrunedOutput) -> dict[str, Float[Array, ""]]:
-        """The budget losses (batch means) from the soft counts, weighted, for the trainer to add to L_lm."""
+        """The weighted budget losses over the batch's rows with an image, from the soft counts (the trainer adds
+        them to L_lm), and those rows' average visual tokens per layer."""
         pcfg = self.pcfg
         l_atp, l_target, avg = budget_losses(out.counts, self.module_layers, self.llava.config.text.num_hidden_layers,
                                              self.llava.config.num_image_tokens,
-                                             out.has_image.astype(jnp.float32), pcfg.target_ratio)
-        n = jnp.maximum(out.has_image.sum(), 1)
-        return {"atp": pcfg.lambda_atp * l_atp.sum() / n, "target": pcfg.lambda_target * l_target.sum() / n,
-                "avg_visual_tokens": avg.sum() / n}
+                                             out.has_image.astype(jnp.float32), pcfg.target_ratio, pcfg.target_scope)
+        return {"atp": pcfg.lambda_atp * l_atp, "target": pcfg.lambda_target * l_target, "avg_visual_tokens": avg}

@@ -28,7 +28,7 @@ from atp_jax.models.common import DtypePolicy
 from atp_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 from atp_jax.models.llava import LlavaForConditionalGeneration
 from atp_jax.pruning.accounting import prefill_flops
-from atp_jax.pruning.config import PruningConfig
+from atp_jax.pruning.config import fit_to_depth
 from atp_jax.pruning.engine import PrunedLlava
 from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, shard_state, tree_shardings, use_mesh
 from atp_jax.train import checkpointing, data
@@ -70,8 +70,8 @@ def build_model(config, vocab_size: int, image_token_id: int) -> PrunedLlava:
         if std:
             emb = llava.vision_tower.position_embedding.embedding
             emb[...] = std * jax.random.normal(jax.random.key(config.seed + 2), emb.shape, emb.dtype)
-    pruning = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.pruning.to_dict().items()}
-    pcfg = PruningConfig(mode="soft", **pruning)
+    # Placed for this depth (baselines included), so the exported model runs every method as the report does.
+    pcfg = fit_to_depth(config.pruning.to_dict() | {"mode": "soft"}, llava.config.text.num_hidden_layers)
     llava.language_model.remat = bool(config.model.remat)
     return PrunedLlava(llava, pcfg, rngs=nnx.Rngs(config.seed + 1))
 
