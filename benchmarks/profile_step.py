@@ -7,7 +7,8 @@ data, the model, the optimizer with its frozen groups, the jitted donated step) 
 `--steps` steps after a warm-up:
   - data: the input pipeline producing one batch (grain, on the same cores as the step);
   - placement: the batch put on the mesh;
-  - compute: the jitted step alone, on a batch already placed (dispatch included);
+  - compute: the jitted step alone, on a batch already placed (dispatch included), and its parts: the forward
+    pass (the loss alone), forward + backward (loss and gradients), the rest being the AdamW update;
   - loop: the trainer's loop (data, placement, step) with nothing else, and with its orbax `manager.save` call
     every step (it saves every `checkpoint_every` steps);
 and the step's FLOPs (XLA's cost analysis of the compiled step) against a float32 2048^3 matmul timed in the same
@@ -34,7 +35,7 @@ from flax import nnx  # noqa: E402
 from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, shard_state  # noqa: E402
 from atp_jax.train import checkpointing, data  # noqa: E402
 from atp_jax.train.optim import FROZEN, label_of, make_optimizer, map_paths  # noqa: E402
-from atp_jax.train.step import TrainState, train_step  # noqa: E402
+from atp_jax.train.step import TrainState, model_loss, train_step  # noqa: E402
 from atp_jax.train.trainer import build_model, model_inputs, optim_config  # noqa: E402
 from benchmarks.common import emit, print_table  # noqa: E402
 from benchmarks.train_step import matmul_flops_per_s  # noqa: E402
@@ -95,12 +96,25 @@ def main() -> None:
             manager.save(int(holder["state"].step), args=checkpointing.save_args(holder["state"], iterator))
         jax.block_until_ready(metrics["loss"])
 
+    def loss_of(p):
+        if frozen is not None:
+            p = jax.tree.map(lambda f, v: jax.tree.map(jax.lax.stop_gradient, v) if f else v, frozen, p)
+        return model_loss(nnx.merge(graphdef, p, rest), batch)[0]
+
+    forward = jax.jit(loss_of)
+    backward = jax.jit(jax.value_and_grad(loss_of))
+    params_now = jax.tree.map(jnp.copy, params)  # the step donates the state's buffers
+    forward(params_now).block_until_ready()
+    jax.block_until_ready(backward(params_now))
     compute()  # warm-up
     local = next(iterator)
     n = args.steps
     figures = {"data_ms": median_ms(lambda: next(iterator), n),
                "placement_ms": median_ms(lambda: jax.block_until_ready(global_batch(model_inputs(local), mesh)), n),
-               "compute_ms": median_ms(compute, n), "loop_ms": median_ms(loop, n)}
+               "compute_ms": median_ms(compute, n),
+               "forward_ms": median_ms(lambda: forward(params_now).block_until_ready(), n),
+               "forward_backward_ms": median_ms(lambda: jax.block_until_ready(backward(params_now)), n),
+               "loop_ms": median_ms(loop, n)}
     with tempfile.TemporaryDirectory() as d:
         manager = checkpointing.manager(Path(d) / "checkpoints", 10**9, 1)  # save() is called, never saves
         figures["loop_with_checkpoint_call_ms"] = median_ms(lambda: loop(manager), n)
