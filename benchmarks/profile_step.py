@@ -42,9 +42,8 @@ from benchmarks.train_step import matmul_flops_per_s  # noqa: E402
 
 
 def stage_config(stage: str):
-    from configs.tiny_synthetic import get_config
-
     from atp_jax.train.stages import stage_configs
+    from configs.tiny_synthetic import get_config
 
     configs = dict(stage_configs(get_config(), tempfile.mkdtemp()))
     config = configs[stage]

@@ -159,8 +159,8 @@ def table(results: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     spread = methods[ATP].get("budget_spread")
     if spread:
-        lines += ["", f"ATP's per-instance budget (kept fraction of the visual tokens, averaged over the decoder layers) "
-                      f"over the {results['test_questions']} test questions: min {spread['min']:.3f}, median "
+        lines += ["", "ATP's per-instance budget (kept fraction of the visual tokens, averaged over the decoder "
+                      f"layers) over the {results['test_questions']} test questions: min {spread['min']:.3f}, median "
                       f"{spread['median']:.3f}, max {spread['max']:.3f}"]
     lines.append("")
     for name, target in results["targets"].items():

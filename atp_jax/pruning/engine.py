@@ -165,8 +165,9 @@ def ranked_decision(m: int, keep: Float[Array, "B P"], vis_id: Int[Array, "B P"]
 def decide(model: PrunedLlava, m: int, keep, vis_slot, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
            soft: bool, max_text: int, counts: Int[Array, "B M"] | None = None):
     """Module `m`'s new keep weights for the visual entries at `vis_slot` (ids `vis_id`) of the current frame,
-    its thresholds and its redundancy scores (ATP; zeros for the other methods). The same code serves the full frame (masked, soft) and compacted ones. `max_text`
-    bounds the text tokens after the image (ATP's cross queries are gathered to that static count)."""
+    its thresholds and its redundancy scores (ATP; zeros for the other methods). The same code serves the full
+    frame (masked, soft) and compacted ones. `max_text` bounds the text tokens after the image (ATP's cross
+    queries are gathered to that static count)."""
     pcfg, cfg = model.pcfg, model.llava.config
     sap_np = sap_for(cfg, pcfg)
     sap = jnp.asarray(sap_np)[vis_id]  # [B, P']
@@ -217,8 +218,9 @@ class PrunedLlava(nnx.Module):
                  counts: Int[Array, "B M"] | None = None, return_cache: bool = False,
                  prompt: Bool[Array, "B T"] | None = None) -> PrunedOutput:
         """`prompt`: in training, `prompt_mask(labels)`: only prompt tokens query the side paths (see
-        `token_roles`); None (inference) when the whole input is the prompt. `counts`: for the ranked baselines (random, FastV, PyramidDrop), the visual tokens each instance
-        keeps after each module instead of the method's schedule, e.g. another method's `PrunedOutput.counts`.
+        `token_roles`); None (inference) when the whole input is the prompt. `counts`: for the ranked baselines
+        (random, FastV, PyramidDrop), the visual tokens each instance keeps after each module instead of the
+        method's schedule, e.g. another method's `PrunedOutput.counts`.
         `return_cache`: also the KV cache, one segment per run of layers between modules, its pruned keys
         hidden (`masked` mode: the cache keeps every slot)."""
         cfg, pcfg = self.llava.config, self.pcfg
@@ -255,8 +257,8 @@ class PrunedLlava(nnx.Module):
             q, k = out[1]
             # The keys the baselines' query (the prompt's last token) sees: the prompt's, as at inference.
             seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * prompt
-            keep, theta, score = decide(self, m, keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
-                                 soft, max_text=max(1, t - p), counts=counts)
+            keep, theta, score = decide(self, m, keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight,
+                                        row_seed, soft, max_text=max(1, t - p), counts=counts)
             keep = jnp.where(has_image[:, None], keep, 0.0)
             keeps.append(keep)
             thetas.append(theta)
