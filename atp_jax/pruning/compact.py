@@ -78,7 +78,7 @@ def _segment(graphdef, state, frame: Frame, row_seed, counts, start: int, stop: 
     vis_id = jnp.where(slot_valid, jnp.take_along_axis(frame.vis_id, vis_slot, axis=1), 0)
     seq_keep = frame.valid.astype(jnp.float32)
     keep, _, _ = decide(model, m, slot_valid.astype(jnp.float32), vis_slot, vis_id, q, k, seq_keep,
-                     frame.text_weight, frame.last_weight, row_seed, soft=False, max_text=max_text, counts=counts)
+                        frame.text_weight, frame.last_weight, row_seed, soft=False, max_text=max_text, counts=counts)
     rows = jnp.arange(keep.shape[0])[:, None]
     dropped = slot_valid & (keep < 0.5)
     seq_keep = frame.valid.at[rows, vis_slot].set(jnp.where(dropped, False, jnp.take_along_axis(frame.valid, vis_slot,
