@@ -35,7 +35,7 @@ from flax import nnx  # noqa: E402
 from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, shard_state  # noqa: E402
 from atp_jax.train import checkpointing, data  # noqa: E402
 from atp_jax.train.optim import FROZEN, label_of, make_optimizer, map_paths  # noqa: E402
-from atp_jax.train.step import TrainState, model_loss, train_step  # noqa: E402
+from atp_jax.train.step import TrainState, frozen_loss, train_step  # noqa: E402
 from atp_jax.train.trainer import build_model, model_inputs, optim_config  # noqa: E402
 from benchmarks.common import emit, print_table  # noqa: E402
 from benchmarks.train_step import matmul_flops_per_s  # noqa: E402
@@ -95,13 +95,9 @@ def main() -> None:
             manager.save(int(holder["state"].step), args=checkpointing.save_args(holder["state"], iterator))
         jax.block_until_ready(metrics["loss"])
 
-    def loss_of(p):
-        if frozen is not None:
-            p = jax.tree.map(lambda f, v: jax.tree.map(jax.lax.stop_gradient, v) if f else v, frozen, p)
-        return model_loss(nnx.merge(graphdef, p, rest), batch)[0]
-
-    forward = jax.jit(loss_of)
-    backward = jax.jit(jax.value_and_grad(loss_of))
+    loss_of = frozen_loss(graphdef, rest, batch, frozen)  # the step's own loss, without the update
+    forward = jax.jit(lambda p: loss_of(p)[0])
+    backward = jax.jit(jax.value_and_grad(loss_of, has_aux=True))
     params_now = jax.tree.map(jnp.copy, params)  # the step donates the state's buffers
     forward(params_now).block_until_ready()
     jax.block_until_ready(backward(params_now))

@@ -60,6 +60,18 @@ def model_loss(model, batch: dict) -> tuple[Float[Array, ""], dict]:
     return total, metrics
 
 
+def frozen_loss(graphdef, rest: nnx.State, batch: dict, frozen=None):
+    """The loss as a function of the parameters, `(params) -> (loss, metrics)`: frozen parameters (a tree of
+    bools, a prefix of params) enter through stop_gradient, so no backward pass runs for them."""
+
+    def loss_fn(params):
+        if frozen is not None:
+            params = jax.tree.map(lambda f, v: jax.tree.map(jax.lax.stop_gradient, v) if f else v, frozen, params)
+        return model_loss(nnx.merge(graphdef, params, rest), batch)
+
+    return loss_fn
+
+
 def train_step(graphdef, tx: optax.GradientTransformation, state: TrainState, batch: dict, frozen=None
                ) -> tuple[TrainState, dict]:
     """One update. A non-finite loss or gradient leaves params and optimizer state unchanged and counts the
@@ -69,11 +81,7 @@ def train_step(graphdef, tx: optax.GradientTransformation, state: TrainState, ba
     loss through stop_gradient, so no backward pass runs for them (nor through the frozen vision tower at all).
     """
 
-    def loss_fn(params):
-        if frozen is not None:
-            params = jax.tree.map(lambda f, v: jax.tree.map(jax.lax.stop_gradient, v) if f else v, frozen, params)
-        return model_loss(nnx.merge(graphdef, params, state.rest), batch)
-
+    loss_fn = frozen_loss(graphdef, state.rest, batch, frozen)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
