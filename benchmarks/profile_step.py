@@ -18,7 +18,6 @@ run. The last line printed is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -30,13 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, shard_state  # noqa: E402
+from atp_jax.sharding import global_batch, make_mesh  # noqa: E402
 from atp_jax.train import checkpointing, data  # noqa: E402
-from atp_jax.train.optim import FROZEN, label_of, make_optimizer, map_paths  # noqa: E402
-from atp_jax.train.step import TrainState, frozen_loss, train_step  # noqa: E402
-from atp_jax.train.trainer import build_model, model_inputs, optim_config  # noqa: E402
+from atp_jax.train.program import build_model, model_inputs, train_program  # noqa: E402
+from atp_jax.train.step import frozen_loss  # noqa: E402
 from benchmarks.common import emit, print_table  # noqa: E402
 from benchmarks.train_step import matmul_flops_per_s  # noqa: E402
 
@@ -69,14 +66,10 @@ def main() -> None:
     ds = data.prepare(config)
     model = build_model(config, len(ds.tokenizer), ds.image_token_id)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    shard_state(model, mesh, DEFAULT_RULES)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    ocfg = optim_config(config)
-    tx = make_optimizer(ocfg, params)
-    state = TrainState(params=params, rest=rest, opt_state=tx.init(params), step=jnp.int32(0),
-                       bad_steps=jnp.int32(0), skipped=jnp.int32(0))
-    frozen = map_paths(lambda path: label_of(path, ocfg) == FROZEN, params)
-    step = jax.jit(functools.partial(train_step, graphdef, tx, frozen=frozen), donate_argnums=0)
+    program = train_program(config, model, mesh)  # the trainer's own step
+    state = program.init_state(model)
+    step, graphdef, frozen = program.step, program.graphdef, program.frozen
+    params, rest = jax.tree.map(jnp.copy, (state.params, state.rest))  # the step donates the state's buffers
     iterator = iter(data.loader(config, ds, ds.sources["train"], model.llava.config, config.batch_size, seed=0))
     batch = global_batch(model_inputs(next(iterator)), mesh)
     compiled = step.lower(state, batch).compile()
@@ -98,17 +91,16 @@ def main() -> None:
     loss_of = frozen_loss(graphdef, rest, batch, frozen)  # the step's own loss, without the update
     forward = jax.jit(lambda p: loss_of(p)[0])
     backward = jax.jit(jax.value_and_grad(loss_of, has_aux=True))
-    params_now = jax.tree.map(jnp.copy, params)  # the step donates the state's buffers
-    forward(params_now).block_until_ready()
-    jax.block_until_ready(backward(params_now))
+    forward(params).block_until_ready()
+    jax.block_until_ready(backward(params))
     compute()  # warm-up
     local = next(iterator)
     n = args.steps
     figures = {"data_ms": median_ms(lambda: next(iterator), n),
                "placement_ms": median_ms(lambda: jax.block_until_ready(global_batch(model_inputs(local), mesh)), n),
                "compute_ms": median_ms(compute, n),
-               "forward_ms": median_ms(lambda: forward(params_now).block_until_ready(), n),
-               "forward_backward_ms": median_ms(lambda: jax.block_until_ready(backward(params_now)), n),
+               "forward_ms": median_ms(lambda: forward(params).block_until_ready(), n),
+               "forward_backward_ms": median_ms(lambda: jax.block_until_ready(backward(params)), n),
                "loop_ms": median_ms(loop, n)}
     with tempfile.TemporaryDirectory() as d:
         manager = checkpointing.manager(Path(d) / "checkpoints", 10**9, 1)  # save() is called, never saves

@@ -25,12 +25,12 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from atp_jax import LlavaForConditionalGeneration  # noqa: E402
+from atp_jax.pruning.accounting import train_step_flops  # noqa: E402
 from atp_jax.pruning.config import PruningConfig  # noqa: E402
 from atp_jax.pruning.engine import PrunedLlava  # noqa: E402
 from atp_jax.testing.reference import random_inputs  # noqa: E402
 from atp_jax.train.optim import OptimConfig, make_optimizer  # noqa: E402
 from atp_jax.train.step import TrainState, train_step  # noqa: E402
-from atp_jax.train.trainer import step_flops  # noqa: E402
 from benchmarks.common import SEED, TEXT_TOKENS, bench_config, emit, interleaved, print_table  # noqa: E402
 
 GROUPS = (("atp", 1e-4, (r"^thresholds/",)), ("llm", 2e-5, (r"language_model/", r"multi_modal_projector/")),
@@ -88,7 +88,7 @@ def main() -> None:
     seq = ids.shape[1]
     figures = {}
     for name, t in times.items():
-        flops = step_flops(cfg, seq, cfg.num_image_tokens, args.batch)  # soft mode computes every token
+        flops = train_step_flops(cfg, seq, args.batch)
         figures[name] = {"step_s": t, "compile_s": compile_s[name], "step_flops": flops,
                          "achieved_flops_per_s": flops / t, "fraction_of_matmul_peak": flops / t / peak}
     overhead = times["atp_soft"] / times["plain"] - 1

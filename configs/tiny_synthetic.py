@@ -69,6 +69,10 @@ def get_config() -> ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.accumulation_steps = 1
 
+    # Distillation from the model the stage starts from, frozen and unpruned: weight * KL(teacher || student) of
+    # the next-token distributions at the supervised tokens (0: none). Not in the ATP paper (docs/method.md).
+    c.distill = ConfigDict(dict(weight=0.0, temperature=1.0))
+
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: use the first N (0: all)
     c.distributed = ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
 

@@ -4,6 +4,8 @@ import os
 
 # Before JAX starts: the sharding tests need a mesh of 8 devices (single-device code runs on the first).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# libtpu is installed for the ahead-of-time TPU compiles; the tests (and the commands they start) run on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 

@@ -12,7 +12,7 @@ CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "llava15")
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_builds_its_optimizer(name):
     from atp_jax.pruning.config import PruningConfig
-    from atp_jax.train.trainer import optim_config
+    from atp_jax.train.program import optim_config
 
     config = importlib.import_module(f"configs.{name}").get_config()
     ocfg = optim_config(config)
@@ -28,7 +28,7 @@ def test_config_loads_and_builds_its_optimizer(name):
 
 
 def test_full_size_configs_need_a_checkpoint():
-    from atp_jax.train.trainer import build_model
+    from atp_jax.train.program import build_model
 
     config = importlib.import_module("configs.llava15_7b_atp").get_config()
     with pytest.raises(ValueError, match="init_from"):
@@ -37,8 +37,8 @@ def test_full_size_configs_need_a_checkpoint():
 
 def test_every_stage_of_the_main_job_is_a_valid_run(tmp_path):
     from atp_jax.pruning.config import PruningConfig
+    from atp_jax.train.program import optim_config
     from atp_jax.train.stages import stage_configs
-    from atp_jax.train.trainer import optim_config
 
     config = importlib.import_module("configs.tiny_synthetic").get_config()
     got = dict(stage_configs(config, tmp_path))

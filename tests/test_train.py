@@ -245,7 +245,7 @@ def test_frozen_parameters_get_no_backward_pass():
 
 
 def test_a_fresh_vision_tower_draws_its_position_embeddings_at_the_configured_std(cache):
-    from atp_jax.train.trainer import build_model
+    from atp_jax.train.program import build_model
 
     def std(value):
         model = build_model(small_config(cache, **{"model.vision_position_std": value}), 100, 99)
@@ -253,3 +253,44 @@ def test_a_fresh_vision_tower_draws_its_position_embeddings_at_the_configured_st
 
     assert 2.7 < std(3.0) < 3.3
     assert 0.9 / 32 ** 0.5 < std(0.0) < 1.1 / 32 ** 0.5  # 0: the module's own init (width 32 here)
+
+
+def test_distillation_loss_is_the_kl_at_supervised_positions():
+    import jax
+    import jax.numpy as jnp
+
+    from atp_jax.train.step import distill_loss
+
+    rng = np.random.default_rng(0)
+    student, teacher = (jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32) for _ in range(2))
+    labels = jnp.asarray([[-100, -100, 3, 4, -100], [-100, 1, -100, -100, -100]])  # predicted from t = 1, 2; 0
+    assert float(distill_loss(teacher, teacher, labels)) == pytest.approx(0.0, abs=1e-7)
+    p, q = jax.nn.softmax(teacher / 2.0), jax.nn.log_softmax(student / 2.0)
+    kl = lambda b, t: float((p[b, t] * (jnp.log(p[b, t]) - q[b, t])).sum())  # noqa: E731
+    expected = 4.0 * (kl(0, 1) + kl(0, 2) + kl(1, 0)) / 3
+    assert float(distill_loss(student, teacher, labels, temperature=2.0)) == pytest.approx(expected, rel=1e-5)
+    # positions that predict no supervised token do not count
+    moved = student.at[0, 3:].add(5.0).at[1, 1:].add(5.0)
+    assert float(distill_loss(moved, teacher, labels, 2.0)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_stage_distils_from_the_model_it_starts_from(cache, tmp_path):
+    from atp_jax.train.trainer import SetupError, train
+
+    with pytest.raises(SetupError, match="distill.weight > 0 needs model.init_from"):
+        train(small_config(cache, total_steps=1, **{"distill.weight": 1.0}), tmp_path / "alone")
+    train(small_config(cache, total_steps=2, **{"pruning.method": "none"}), tmp_path / "teacher")
+    start = {"model.init_from": str(tmp_path / "teacher" / "model"), "total_steps": 2, "log_every": 1,
+             "pruning.method": "none"}
+    train(small_config(cache, **start, **{"distill.weight": 1.0}), tmp_path / "student")
+    lines = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in lines if r.get("step") == 1)
+    # unpruned and unchanged at the first step, the student is its teacher: the term is 0, the loss the LM loss
+    assert first["distill_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(first["lm_loss"], rel=1e-6)
+    second = next(r for r in lines if r.get("step") == 2)
+    assert second["distill_loss"] > 0  # one update later it has moved away
+    train(small_config(cache, **(start | {"distill.weight": 1.0, "pruning.method": "atp"})), tmp_path / "pruned")
+    pruned = next(json.loads(line) for line in (tmp_path / "pruned" / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line).get("step") == 1)
+    assert pruned["distill_loss"] > 0  # ATP's soft masks make the student differ from its unpruned teacher

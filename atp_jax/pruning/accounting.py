@@ -90,6 +90,17 @@ def prefill_flops(cfg: LlavaConfig, tokens_per_layer) -> dict[str, float]:
             "total": vision + projector + decoder + head}
 
 
+def train_step_flops(cfg: LlavaConfig, seq_len: int, batch: int, remat: bool = False,
+                     train_vision: bool = True) -> float:
+    """Model FLOPs of one training step on `batch` sequences of `seq_len` tokens (image included), every token
+    computed (soft masks hide tokens, they remove none): forward, and twice that backward, for the decoder, the
+    projector and the LM head over every position; the decoder forward once more under remat; the vision tower
+    forward only when it is frozen. ATP's side paths are left out (under 0.1% at LLaVA's sizes)."""
+    p = prefill_flops(cfg, np.full(cfg.text.num_hidden_layers, seq_len))
+    trained = p["decoder"] + p["projector"] + p["head"] * seq_len
+    return batch * (3 * trained + (p["decoder"] if remat else 0.0) + p["vision"] * (3 if train_vision else 1))
+
+
 def flops_ratio(cfg: LlavaConfig, visual_per_layer, text_tokens: int) -> float:
     """Prefill FLOPs with `visual_per_layer` visual tokens per decoder layer over the unpruned prefill."""
     visual = np.asarray(visual_per_layer, np.float64)

@@ -1,0 +1,86 @@
+"""Ahead-of-time compilation for TPU slices on this CPU (libtpu, no TPU): the trainer's own step, its memory per
+chip, its collectives, and the sharding check, at a tiny size; and the HLO reading on a program of known shape."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_config():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from train_config import get_config
+
+    return get_config()
+
+
+def test_topologies_give_one_device_per_chip():
+    from atp_jax.aot.chips import chip_count, topology_devices
+
+    for topology, chips in (("v5e:2x2", 4), ("v4:2x2x1", 4), ("v5p:2x2x1", 4)):
+        assert chip_count(topology) == chips
+        assert len(topology_devices(topology)) == chips  # v4 and v5p: megacore, one device per chip
+    with pytest.raises(ValueError, match="expected <chip>:<shape>"):
+        topology_devices("v9:2x2")
+
+
+def test_the_collectives_of_a_scanned_fsdp_program_are_counted_per_iteration():
+    from atp_jax.aot.analysis import collectives, compile_cost
+    from atp_jax.aot.chips import topology_devices
+
+    mesh = Mesh(np.array(topology_devices("v5e:2x2")), ("x",))
+    layers, width = 8, 512
+
+    def forward(w, x):  # w sharded on its input dim: each layer's weight is all-gathered inside the loop
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+
+    jitted = jax.jit(forward, in_shardings=(NamedSharding(mesh, P(None, "x", None)), NamedSharding(mesh, P("x"))))
+    w = jax.ShapeDtypeStruct((layers, width, width), jnp.float32)
+    cost, compiled = compile_cost("toy", jitted, w, jax.ShapeDtypeStruct((64, width), jnp.float32),
+                                  large_shapes={"w": w.shape}, min_whole_bytes=1)
+    gathers = cost.collectives["all-gather"]
+    assert gathers["count"] == layers  # one per layer, not one for the loop
+    # each gathers one whole layer (XLA may gather it in bf16, the default matmul precision on TPU)
+    assert gathers["bytes"] // layers in (width * width * 2, width * width * 4)
+    assert cost.argument_bytes == (layers * width * width + 64 * width) * 4 // 4  # a quarter on each chip
+    assert cost.whole_tensors == ()  # the stack of weights is never whole on a chip, one layer at a time is
+    assert collectives(compiled.as_text()) == cost.collectives
+
+
+def test_the_train_step_compiles_for_a_slice_with_its_state_sharded():
+    from atp_jax.aot.training import training_cost
+
+    config = train_config()
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.optim.vision_lr = 0.0  # frozen, as in the ATP stage
+    result = training_cost(config, "v5e:2x2", vocab_size=160, min_unsharded_bytes=2**14)
+    cost = result.cost
+    assert result.mesh == {"data": 1, "fsdp": 4, "tensor": 1} and result.chips == 4
+    assert cost.argument_bytes > 0 and cost.temp_bytes > 0 and cost.flops > 0
+    assert cost.alias_bytes > 0  # the state is donated
+    # every parameter and moment of 16 kB or more is split over the chips, but the threshold MLPs: replicated by
+    # design (0.1M parameters at LLaVA's size), here as large as the tiny model's matrices
+    assert result.unsharded and all("['thresholds']" in path for path, _ in result.unsharded)
+    assert cost.collectives["all-gather"]["count"] > 0  # FSDP: weights gathered for use
+    assert result.trainable < result.parameters  # the frozen vision tower
+
+
+def test_the_command_prints_the_memory_and_exits_by_whether_it_fits(tmp_path):
+    cmd = [sys.executable, str(ROOT / "launch" / "aot.py"), "--config", str(ROOT / "tests" / "train_config.py"),
+           "--topology", "v5e:2x2", "--vocab_size", "160"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["fits"] and 0 < figures["total_bytes"] < figures["hbm_bytes"]
+    assert "fits" in done.stdout and "temporaries" in done.stdout
+    bad = subprocess.run(cmd[:-4] + ["--topology", "v5e:2x"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "topology 'v5e:2x'" in bad.stderr
