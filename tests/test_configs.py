@@ -16,7 +16,10 @@ def test_config_loads_and_builds_its_optimizer(name):
 
     config = importlib.import_module(f"configs.{name}").get_config()
     ocfg = optim_config(config)
-    assert ocfg.total_steps == config.total_steps > 0
+    # the schedule spans the run's optimizer updates: train steps over the micro-batches each update averages
+    assert ocfg.total_steps == -(-config.total_steps // config.optim.accumulation_steps) > 0
+    assert config.batch_size * config.optim.accumulation_steps == (256 if "pretrain" in name else
+                                                                   128 if name.startswith("llava15") else 16)
     PruningConfig(mode="soft", **{k: tuple(v) if isinstance(v, list | tuple) else v
                                   for k, v in config.pruning.to_dict().items()})
     if name.startswith("llava15"):

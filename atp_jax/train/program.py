@@ -93,14 +93,18 @@ def build_model(config, vocab_size: int, image_token_id: int, abstract: bool = F
 
 
 def optim_config(config) -> OptimConfig:
-    """Parameter groups from the config's learning rates; a rate of 0 freezes its group (no optimizer state)."""
+    """Parameter groups from the config's learning rates; a rate of 0 freezes its group (no optimizer state).
+    With `accumulation_steps` k, the `total_steps` train steps make total_steps / k updates, which the schedule
+    spans."""
     o = config.optim
     projector_lr = o.lr if o.projector_lr < 0 else o.projector_lr
     rates = [("atp", o.atp_lr, r"^thresholds/"), ("llm", o.lr, r"language_model/"),
              ("projector", projector_lr, r"multi_modal_projector/"), ("vision", o.vision_lr, r"vision_tower/")]
     groups = tuple((name, lr, (pattern,)) for name, lr, pattern in rates if lr > 0)
     frozen = tuple(pattern for _, lr, pattern in rates if lr <= 0)
-    return OptimConfig(total_steps=config.total_steps, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
+    # The schedule counts optimizer updates; the config's total_steps counts train-step calls (micro-batches).
+    updates = math.ceil(config.total_steps / o.accumulation_steps)
+    return OptimConfig(total_steps=updates, warmup_ratio=o.warmup_ratio, schedule=o.schedule,
                        weight_decay=o.weight_decay, clip_norm=o.clip_norm, accumulation_steps=o.accumulation_steps,
                        groups=groups, frozen=frozen)
 
