@@ -89,6 +89,7 @@ def report(result, chip) -> dict:
 
 def main(argv) -> None:
     del argv
+    from atp_jax.aot.analysis import DoesNotFit
     from atp_jax.aot.chips import chip_of
     from atp_jax.aot.training import training_cost
 
@@ -99,6 +100,10 @@ def main(argv) -> None:
     except ValueError as e:
         print(f"aot.py: {e}", file=sys.stderr)
         sys.exit(2)
+    except DoesNotFit as e:  # the compiler itself found it too large: no memory figures to print
+        print(f"DOES NOT FIT ({_TOPOLOGY.value}): {e}")
+        print(json.dumps({"topology": _TOPOLOGY.value, "fits": False, "compiler": str(e)}))
+        sys.exit(1)
     figures = report(result, chip)
     print(json.dumps(figures))
     sys.exit(0 if figures["fits"] else 1)

@@ -84,3 +84,14 @@ def test_the_command_prints_the_memory_and_exits_by_whether_it_fits(tmp_path):
     assert "fits" in done.stdout and "temporaries" in done.stdout
     bad = subprocess.run(cmd[:-4] + ["--topology", "v5e:2x"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "topology 'v5e:2x'" in bad.stderr
+
+
+def test_a_program_larger_than_the_chip_is_refused_by_name():
+    from atp_jax.aot.analysis import DoesNotFit, compile_cost
+    from atp_jax.aot.chips import topology_devices
+
+    mesh = Mesh(np.array(topology_devices("v5e:2x2")), ("x",))
+    # a 25.6 GB sorted outer product per chip, on 16 GB chips
+    jitted = jax.jit(lambda x: jnp.sort(jnp.outer(x, x), axis=0)[::1000], in_shardings=NamedSharding(mesh, P()))
+    with pytest.raises(DoesNotFit, match="RESOURCE_EXHAUSTED.*exceeds available HBM"):
+        compile_cost("big", jitted, jax.ShapeDtypeStruct((80000,), jnp.float32))

@@ -17,6 +17,10 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16"
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
+class DoesNotFit(RuntimeError):
+    """The compiler refused the program: it needs more memory than the device has."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramCost:
     """One compiled program on one device of its mesh (bytes and FLOPs per device)."""
@@ -44,7 +48,13 @@ def compile_cost(name: str, jitted, *args, large_shapes: dict | None = None, min
     `large_shapes`: {description: global shape} of tensors that must never appear whole on a device (e.g. the
     parameters); one found whole at `min_whole_bytes` or more is listed in `whole_tensors`."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args, **kwargs).compile()
+    lowered = jitted.lower(*args, **kwargs)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses a program larger than the chip's HBM
+        if "RESOURCE_EXHAUSTED" in str(e):
+            raise DoesNotFit(f"{name}: {str(e).splitlines()[0]}") from e
+        raise
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
