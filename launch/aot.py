@@ -31,9 +31,6 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v4:2x2x4", "TPU slice, <chip>:<shap
 _STAGE = flags.DEFINE_string("stage", "", "for a config with stages: the stage to compile (default: the last)")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32064, "vocabulary of a fresh model (presets bring their own)")
 
-GiB = 2**30
-
-
 def stage_config(config):
     if not config.get("stages"):
         return config
@@ -49,6 +46,7 @@ def stage_config(config):
 
 
 def report(result, chip) -> dict:
+    from atp_jax.aot.chips import GiB
     from atp_jax.pruning.accounting import train_step_flops
 
     c = result.cost
@@ -92,12 +90,13 @@ def main(argv) -> None:
     from atp_jax.aot.analysis import DoesNotFit
     from atp_jax.aot.chips import chip_of
     from atp_jax.aot.training import training_cost
+    from atp_jax.convert.readers import CheckpointError
 
     try:
         chip = chip_of(_TOPOLOGY.value)
         config = stage_config(_CONFIG.value)
         result = training_cost(config, _TOPOLOGY.value, vocab_size=_VOCAB.value)
-    except ValueError as e:
+    except (ValueError, OSError, CheckpointError) as e:  # bad topology or config, a missing model.init_from
         print(f"aot.py: {e}", file=sys.stderr)
         sys.exit(2)
     except DoesNotFit as e:  # the compiler itself found it too large: no memory figures to print

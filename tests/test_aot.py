@@ -53,6 +53,9 @@ def test_the_collectives_of_a_scanned_fsdp_program_are_counted_per_iteration():
     assert gathers["bytes"] // layers in (width * width * 2, width * width * 4)
     assert cost.argument_bytes == (layers * width * width + 64 * width) * 4 // 4  # a quarter on each chip
     assert cost.whole_tensors == ()  # the stack of weights is never whole on a chip, one layer at a time is
+    # XLA's cost analysis counts the loop body once, not once per layer (why launch/aot.py uses model FLOPs):
+    one_layer = 2 * (64 // 4) * width * width  # each chip's rows
+    assert one_layer <= cost.flops < 2 * one_layer
     assert collectives(compiled.as_text()) == cost.collectives
 
 
@@ -84,6 +87,10 @@ def test_the_command_prints_the_memory_and_exits_by_whether_it_fits(tmp_path):
     assert "fits" in done.stdout and "temporaries" in done.stdout
     bad = subprocess.run(cmd[:-4] + ["--topology", "v5e:2x"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "topology 'v5e:2x'" in bad.stderr
+    missing = subprocess.run(cmd + [f"--config.model.init_from={tmp_path / 'none'}"], capture_output=True,
+                             text=True, timeout=600)
+    assert missing.returncode == 2 and str(tmp_path / "none") in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_a_program_larger_than_the_chip_is_refused_by_name():

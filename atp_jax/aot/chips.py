@@ -14,17 +14,16 @@ class Chip:
     name: str
     peak_bf16_flops: float  # per chip, dense
     hbm_bytes: int  # per chip
-    hbm_bandwidth: float  # bytes/s per chip
     megacore: bool = False  # two TensorCores that JAX drives as one device (v4, v5p)
 
 
 # Cloud TPU system architecture pages (v4, v5e, v5p, v6e). "GB" there is taken as 10^9 bytes where the page does
 # not say GiB, so that "fits" errs on the safe side.
 CHIPS = {
-    "v4": Chip("v4", 275e12, 32 * GiB, 1200e9, megacore=True),
-    "v5e": Chip("v5e", 197e12, 16 * 10**9, 819e9),
-    "v5p": Chip("v5p", 459e12, 95 * 10**9, 2765e9, megacore=True),
-    "v6e": Chip("v6e", 918e12, 32 * 10**9, 1640e9),
+    "v4": Chip("v4", 275e12, 32 * GiB, megacore=True),
+    "v5e": Chip("v5e", 197e12, 16 * 10**9),
+    "v5p": Chip("v5p", 459e12, 95 * 10**9, megacore=True),
+    "v6e": Chip("v6e", 918e12, 32 * 10**9),
 }
 
 
