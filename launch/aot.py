@@ -9,6 +9,14 @@ temporaries, the total against the chip's HBM, the compile time, model FLOPs per
 time and tokens/s at the chip's bf16 peak, the collectives of one step, and any large tensor found whole on
 one chip. The last line is one JSON object. Exit status 0: it fits; 1: it does not; 2: bad input.
 Topologies: v4:2x2x4 (v4-32), v5p:2x2x4 (v5p-32), v5e:16x16 (v5e-256), v6e:4x4, v5e:2x2, ...
+
+With --serve, the serving programs instead (the ones launch/infer.py runs), for the config's model in bfloat16
+split over the slice's chips (tensor parallel; --data splits the batch), a batch and a prompt length:
+
+  python launch/aot.py --serve --topology v5e:2x2 --batch 8 --prompt_len 2048 [--methods none,atp] [--mode compact]
+
+per method, each program's memory per chip, the KV cache (all chips and per chip), and how many programs a
+server may compile (compact mode: one per bucket a run of layers can land in).
 """
 
 from __future__ import annotations
@@ -30,6 +38,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "llav
 _TOPOLOGY = flags.DEFINE_string("topology", "v4:2x2x4", "TPU slice, <chip>:<shape> (chips v4, v5e, v5p, v6e)")
 _STAGE = flags.DEFINE_string("stage", "", "for a config with stages: the stage to compile (default: the last)")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32064, "vocabulary of a fresh model (presets bring their own)")
+_SERVE = flags.DEFINE_boolean("serve", False, "compile the serving programs instead of the training step")
+_BATCH = flags.DEFINE_integer("batch", 8, "--serve: prompts per batch")
+_PROMPT = flags.DEFINE_integer("prompt_len", 2048, "--serve: tokens per prompt, the image's included")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "--serve: room in the KV cache for generated tokens")
+_METHODS = flags.DEFINE_list("methods", ["none", "atp"], "--serve: pruning methods to compile (none: unpruned)")
+_MODE = flags.DEFINE_enum("mode", "compact", ["compact", "masked"], "--serve: how pruned prefills run")
+_KEEP = flags.DEFINE_list("keep", [], "--serve: kept fraction of the visual tokens after each module "
+                                      "(default: half at each)")
+_DATA = flags.DEFINE_integer("data", 1, "--serve: mesh axis splitting the batch; the other chips split weights")
 
 def stage_config(config):
     if not config.get("stages"):
@@ -85,6 +102,60 @@ def report(result, chip) -> dict:
             "unsharded": [list(t) for t in result.unsharded]}
 
 
+def serve_report(results, chip) -> dict:
+    from atp_jax.aot.chips import GiB
+
+    out = []
+    for r in results:
+        fits = r.peak_bytes <= chip.hbm_bytes
+        print(f"\n{r.method} ({r.mode}) on {r.topology} ({r.chips} chips, mesh {r.mesh}): batch {r.batch} x "
+              f"{r.prompt_len} prompt tokens + {r.new_tokens} new; runs of layers on {list(r.segment_lengths)} "
+              f"tokens" + (f" (kept after each module: {list(r.keep)})" if r.keep else ""))
+        width = max(len(p.name) for p in r.programs)
+        print(f"  {'program':<{width}}  arguments  temporaries  total GiB  compile s")
+        for p in r.programs:
+            print(f"  {p.name:<{width}}  {p.argument_bytes / GiB:9.2f}  {p.temp_bytes / GiB:11.2f}  "
+                  f"{p.total_bytes / GiB:9.2f}  {p.compile_s:9.1f}")
+        possible = ", ".join(f"{k} {v}" for k, v in r.possible_programs.items())
+        print(f"  weights {r.parameter_bytes / GiB:.2f} GiB; KV cache {r.cache_bytes / GiB:.3f} GiB "
+              f"({r.cache_bytes_per_chip / GiB:.3f} per chip); peak {r.peak_bytes / GiB:.2f} GiB of "
+              f"{chip.hbm_bytes / GiB:.1f} per chip: {'fits' if fits else 'DOES NOT FIT'}")
+        print(f"  programs compiled {len(r.programs)}; a server may compile up to: {possible}")
+        out.append({"method": r.method, "mode": r.mode, "segment_lengths": list(r.segment_lengths),
+                    "keep": list(r.keep), "cache_bytes": r.cache_bytes, "cache_bytes_per_chip": r.cache_bytes_per_chip,
+                    "parameter_bytes": r.parameter_bytes, "peak_bytes": r.peak_bytes, "fits": fits,
+                    "programs": {p.name: {"total_bytes": p.total_bytes, "temp_bytes": p.temp_bytes,
+                                          "compile_s": p.compile_s} for p in r.programs},
+                    "possible_programs": r.possible_programs})
+    first = results[0]
+    return {"topology": first.topology, "chips": first.chips, "mesh": first.mesh, "batch": first.batch,
+            "prompt_len": first.prompt_len, "new_tokens": first.new_tokens, "hbm_bytes": chip.hbm_bytes,
+            "fits": all(o["fits"] for o in out), "methods": out}
+
+
+def serve(config, chip) -> dict:
+    from atp_jax.aot.analysis import DoesNotFit
+    from atp_jax.aot.inference import serving_cost
+    from atp_jax.train.program import model_config
+
+    cfg = model_config(config, _VOCAB.value, _VOCAB.value - 1)
+    keep = tuple(float(k) for k in _KEEP.value) or None
+    pruning = {k: v for k, v in config.pruning.to_dict().items() if k not in ("method", "mode")}
+    results, refused = [], []
+    for method in _METHODS.value:
+        try:
+            results.append(serving_cost(cfg, _TOPOLOGY.value, method=method, mode=_MODE.value, batch=_BATCH.value,
+                                        prompt_len=_PROMPT.value, new_tokens=_NEW.value, keep=keep,
+                                        data=_DATA.value, pruning=pruning))
+        except DoesNotFit as e:  # the compiler refused one of its programs: no figures, the other methods go on
+            print(f"\n{method}: DOES NOT FIT ({_TOPOLOGY.value}): {e}")
+            refused.append({"method": method, "fits": False, "compiler": str(e)})
+    figures = serve_report(results, chip) if results else {"topology": _TOPOLOGY.value, "methods": []}
+    figures["methods"] += refused
+    figures["fits"] = all(m["fits"] for m in figures["methods"])
+    return figures
+
+
 def main(argv) -> None:
     del argv
     from atp_jax.aot.analysis import DoesNotFit
@@ -95,6 +166,10 @@ def main(argv) -> None:
     try:
         chip = chip_of(_TOPOLOGY.value)
         config = stage_config(_CONFIG.value)
+        if _SERVE.value:
+            figures = serve(config, chip)
+            print(json.dumps(figures))
+            sys.exit(0 if figures["fits"] else 1)
         result = training_cost(config, _TOPOLOGY.value, vocab_size=_VOCAB.value)
     except (ValueError, OSError, CheckpointError) as e:  # bad topology or config, a missing model.init_from
         print(f"aot.py: {e}", file=sys.stderr)

@@ -102,3 +102,70 @@ def test_a_program_larger_than_the_chip_is_refused_by_name():
     jitted = jax.jit(lambda x: jnp.sort(jnp.outer(x, x), axis=0)[::1000], in_shardings=NamedSharding(mesh, P()))
     with pytest.raises(DoesNotFit, match="RESOURCE_EXHAUSTED.*exceeds available HBM"):
         compile_cost("big", jitted, jax.ShapeDtypeStruct((80000,), jnp.float32))
+
+
+def test_decode_shapes_counts_non_increasing_bucket_choices():
+    import itertools
+
+    from atp_jax.aot.inference import decode_shapes, segment_buckets
+
+    buckets = segment_buckets(48, 16, tuple(i / 16 for i in range(1, 17)))
+    assert buckets == [33, 36, 39, 42, 45, 48]  # the 32 text tokens plus 0 to 16 visual ones, in steps of 3
+    for runs in (1, 2, 3):
+        brute = sum(all(a >= b for a, b in itertools.pairwise(c)) for c in itertools.product(buckets, repeat=runs))
+        assert decode_shapes(buckets, runs) == brute
+    assert decode_shapes(buckets, 0) == 1
+
+
+def test_the_serving_programs_compile_for_a_slice_and_compaction_shrinks_the_cache():
+    import dataclasses
+
+    from atp_jax.aot.inference import serving_cost
+    from atp_jax.models.config import LlavaConfig
+
+    cfg = LlavaConfig.tiny()
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_key_value_heads=4))  # split over 4 chips
+    batch, prompt, new = 4, 48, 16
+    text = cfg.text
+
+    def cache_bytes(lengths_per_layer):  # keys and values, bf16, prompt slots plus the generation room
+        return sum(2 * batch * (n + new) * text.num_key_value_heads * text.head_dim * 2 for n in lengths_per_layer)
+
+    full = serving_cost(cfg, "v5e:2x2", method="none", batch=batch, prompt_len=prompt, new_tokens=new)
+    assert full.mesh == {"data": 1, "fsdp": 1, "tensor": 4} and full.mode == "masked"
+    assert [p.name for p in full.programs] == ["prefill", "decode (16 steps)"]
+    assert full.cache_bytes == cache_bytes([prompt] * 4)
+    assert full.cache_bytes_per_chip == full.cache_bytes // 4  # the KV heads split over the tensor axis
+
+    atp = serving_cost(cfg, "v5e:2x2", method="atp", mode="compact", batch=batch, prompt_len=prompt,
+                       new_tokens=new, keep=(0.5, 0.25, 0.125))
+    # modules after layers 0, 1, 2; 32 text tokens always stay, plus 8, 4, 2 of the 16 visual ones, in buckets
+    assert atp.segment_lengths == (48, 42, 36, 36)
+    assert [p.name for p in atp.programs] == [
+        "embed", "layers 0-0 at 48", "compact to 42", "layers 1-1 at 42", "compact to 36", "layers 2-2 at 36",
+        "compact to 36", "layers 3-3 at 36", "head (last token)", "decode (16 steps)"]
+    assert atp.cache_bytes == cache_bytes([48, 42, 36, 36]) < full.cache_bytes
+    assert atp.cache_bytes_per_chip == atp.cache_bytes // 4
+    assert atp.possible_programs["decode"] == 56 and atp.possible_programs["layer runs"] == 1 + 3 * 6
+    assert all(p.total_bytes > 0 for p in atp.programs)
+
+    masked = serving_cost(cfg, "v5e:2x2", method="atp", mode="masked", batch=batch, prompt_len=prompt,
+                          new_tokens=new)
+    assert masked.segment_lengths == (48,) * 4 and masked.cache_bytes == full.cache_bytes  # nothing removed
+    with pytest.raises(ValueError, match="one fraction in"):
+        serving_cost(cfg, "v5e:2x2", method="atp", keep=(0.5,), batch=batch, prompt_len=prompt)
+
+
+def test_the_command_compiles_the_serving_programs(tmp_path):
+    cmd = [sys.executable, str(ROOT / "launch" / "aot.py"), "--config", str(ROOT / "tests" / "train_config.py"),
+           "--serve", "--topology", "v5e:2x2", "--vocab_size", "160", "--batch", "4", "--prompt_len", "64",
+           "--new_tokens", "16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["fits"] and [m["method"] for m in figures["methods"]] == ["none", "atp"]
+    unpruned, atp = figures["methods"]
+    assert atp["mode"] == "compact" and atp["cache_bytes"] < unpruned["cache_bytes"]
+    assert "decode (16 steps)" in done.stdout and "KV cache" in done.stdout
+    bad = subprocess.run(cmd + ["--keep", "0.5,0.5,0.5"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "keep" in bad.stderr and "Traceback" not in bad.stderr
