@@ -43,9 +43,9 @@ def set_unit_thresholds(model: PrunedLlava, unit_r: float, unit_s: float) -> Non
         mlp.head.bias[...] = jnp.array([np.log(unit_r / (1 - unit_r)), np.log(unit_s / (1 - unit_s))])
 
 
-def calibrate_atp(llava, ids, pixels) -> PrunedLlava:
+def calibrate_atp(llava, ids, pixels, atp_layers: tuple[int, ...] = ATP_LAYERS) -> PrunedLlava:
     """Bisect the redundancy threshold (SAP threshold at its initial value) for ~25% average visual tokens."""
-    model = PrunedLlava(llava, PruningConfig(mode="masked", atp_layers=ATP_LAYERS, target_ratio=BUDGET),
+    model = PrunedLlava(llava, PruningConfig(mode="masked", atp_layers=atp_layers, target_ratio=BUDGET),
                         rngs=nnx.Rngs(SEED))
     p = llava.config.num_image_tokens
     average = nnx.jit(lambda m: m(ids, pixels).visual_per_layer.mean())
