@@ -31,6 +31,9 @@ def get_config() -> ConfigDict:
     # from scratch never recovers it: the image features then hold no object's place (a linear probe's R^2 ~0).
     c.model.vision_position_std = 3.0
     c.model.remat = False  # recompute each decoder layer in the backward pass (memory for compute)
+    # The decoder's attention in training and prefill: "auto" (the Pallas flash-attention kernel when compiled for
+    # a TPU, XLA's elsewhere), "xla" or "pallas" (atp_jax/models/common.py).
+    c.model.attention = "auto"
 
     c.pruning = ConfigDict()
     c.pruning.method = "atp"

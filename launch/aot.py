@@ -73,7 +73,7 @@ def report(result, chip) -> dict:
     fits = c.total_bytes <= chip.hbm_bytes
     rows = [("topology", f"{result.topology} ({result.chips} chips, mesh {result.mesh})"),
             ("step", f"global batch {result.batch} x {result.seq_len} tokens; {result.parameters / 1e9:.2f}B "
-                     f"parameters, {result.trainable / 1e9:.2f}B trained"),
+                     f"parameters, {result.trainable / 1e9:.2f}B trained; attention {result.attention}"),
             ("compile", f"{c.compile_s:.0f} s"),
             ("arguments", f"{c.argument_bytes / GiB:.2f} GiB (parameters, optimizer state, batch)"),
             ("outputs", f"{c.output_bytes / GiB:.2f} GiB ({c.alias_bytes / GiB:.2f} GiB in donated buffers)"),
@@ -94,6 +94,7 @@ def report(result, chip) -> dict:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return {"topology": result.topology, "chips": result.chips, "mesh": result.mesh, "batch": result.batch,
+            "attention": result.attention,
             "seq_len": result.seq_len, "compile_s": c.compile_s, "argument_bytes": c.argument_bytes,
             "output_bytes": c.output_bytes, "alias_bytes": c.alias_bytes, "temp_bytes": c.temp_bytes,
             "code_bytes": c.code_bytes, "total_bytes": c.total_bytes, "hbm_bytes": chip.hbm_bytes, "fits": fits,
@@ -109,7 +110,8 @@ def serve_report(results, chip) -> dict:
     for r in results:
         fits = r.peak_bytes <= chip.hbm_bytes
         print(f"\n{r.method} ({r.mode}) on {r.topology} ({r.chips} chips, mesh {r.mesh}): batch {r.batch} x "
-              f"{r.prompt_len} prompt tokens + {r.new_tokens} new; runs of layers on {list(r.segment_lengths)} "
+              f"{r.prompt_len} prompt tokens + {r.new_tokens} new, attention {r.attention}; runs of layers on "
+              f"{list(r.segment_lengths)} "
               f"tokens" + (f" (kept after each module: {list(r.keep)})" if r.keep else ""))
         width = max(len(p.name) for p in r.programs)
         print(f"  {'program':<{width}}  arguments  temporaries  total GiB  compile s")
@@ -136,7 +138,7 @@ def serve_report(results, chip) -> dict:
 def serve(config, chip) -> dict:
     from atp_jax.aot.analysis import DoesNotFit
     from atp_jax.aot.inference import serving_cost
-    from atp_jax.train.program import model_config
+    from atp_jax.train.program import attention_implementation, model_config
 
     cfg = model_config(config, _VOCAB.value, _VOCAB.value - 1)
     keep = tuple(float(k) for k in _KEEP.value) or None
@@ -146,7 +148,8 @@ def serve(config, chip) -> dict:
         try:
             results.append(serving_cost(cfg, _TOPOLOGY.value, method=method, mode=_MODE.value, batch=_BATCH.value,
                                         prompt_len=_PROMPT.value, new_tokens=_NEW.value, keep=keep,
-                                        data=_DATA.value, pruning=pruning))
+                                        data=_DATA.value, pruning=pruning,
+                                        attention=attention_implementation(config)))
         except DoesNotFit as e:  # the compiler refused one of its programs: no figures, the other methods go on
             print(f"\n{method}: DOES NOT FIT ({_TOPOLOGY.value}): {e}")
             refused.append({"method": method, "fits": False, "compiler": str(e)})

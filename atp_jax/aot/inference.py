@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 
 from atp_jax.aot.analysis import ProgramCost, compile_cost
 from atp_jax.aot.chips import chip_count, topology_devices
+from atp_jax.aot.training import on_tpu
 from atp_jax.infer.generate import DecodeState, Sampling, _decode, _masked_prefill
 from atp_jax.models.common import DtypePolicy
 from atp_jax.models.config import LlavaConfig
@@ -55,6 +56,7 @@ class ServingCost:
     cache_bytes_per_chip: int
     parameter_bytes: int  # all chips
     possible_programs: dict  # kind -> how many programs a server may compile at this batch and prompt length
+    attention: str = "auto"  # the prefill's attention implementation
 
     @property
     def peak_bytes(self) -> int:
@@ -99,12 +101,13 @@ def decode_shapes(buckets: list[int], runs: int) -> int:
 
 def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: str = "compact", batch: int = 8,
                  prompt_len: int = 2048, new_tokens: int = 128, keep: tuple[float, ...] | None = None,
-                 data: int = 1, dtype: str = "bfloat16", decode_chunk: int = 16, pruning: dict | None = None
-                 ) -> ServingCost:
+                 data: int = 1, dtype: str = "bfloat16", decode_chunk: int = 16, pruning: dict | None = None,
+                 attention: str = "auto") -> ServingCost:
     """Compiles the serving programs of `cfg` for `topology`: weights split over the `tensor` axis (the chips
     not used by `data`, which splits the batch). `keep`: kept fraction of the visual tokens after each module
     (default: half at each, as the random baseline's schedule); compact mode only. `pruning`: fields of the
-    pruning config (e.g. a run config's `pruning` section)."""
+    pruning config (e.g. a run config's `pruning` section). `attention`: the prefill's attention implementation
+    (`common.attention`; "auto" takes the Pallas kernel on a TPU)."""
     if mode not in ("masked", "compact"):
         raise ValueError(f"mode {mode!r}: expected 'masked' or 'compact'")
     if prompt_len <= cfg.num_image_tokens:
@@ -116,6 +119,7 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
         raise ValueError(f"data={data} must divide the {len(devices)} devices and the batch {batch}")
     mesh = make_mesh(data=data, fsdp=1, tensor=len(devices) // data, devices=devices)
     model = serving_model(cfg, method, dtype, pruning)
+    model.llava.language_model.attention = attention
     pcfg, modules = model.pcfg, model.module_layers
     if method == "none":
         mode = "masked"  # nothing to compact: the plain prefill
@@ -187,7 +191,8 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
                        mode=mode, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                        keep=keep if mode == "compact" else (), segment_lengths=tuple(lengths),
                        programs=tuple(programs), cache_bytes=cache_bytes, cache_bytes_per_chip=per_chip,
-                       parameter_bytes=params, possible_programs=possible)
+                       parameter_bytes=params, possible_programs=possible,
+                       attention=on_tpu(attention))
 
 
 def _with_room(seg: Segment, new_tokens: int, mesh) -> Segment:

@@ -13,6 +13,11 @@ from atp_jax.sharding import DEFAULT_RULES, make_mesh, use_mesh
 from atp_jax.train.program import build_model, teacher_model, train_program
 
 
+def on_tpu(attention: str) -> str:
+    """The attention implementation a TPU program gets for a `model.attention` setting."""
+    return "pallas" if attention == "auto" else attention
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingCost:
     topology: str
@@ -27,6 +32,7 @@ class TrainingCost:
     trainable: int
     cost: ProgramCost
     unsharded: list  # (path, bytes) of large state arguments kept whole on a device
+    attention: str = "auto"  # the decoder's attention implementation (model.attention)
 
 
 def training_cost(config, topology: str, vocab_size: int = 32064, image_token_id: int | None = None,
@@ -56,4 +62,5 @@ def training_cost(config, topology: str, vocab_size: int = 32064, image_token_id
                         train_vision=config.optim.vision_lr > 0,
                         parameters=sum(n for n, _ in sizes), trainable=sum(n for n, f in sizes if not f),
                         cost=cost,
-                        unsharded=unsharded_arguments(compiled, (state, batch, teacher_params), min_unsharded_bytes))
+                        unsharded=unsharded_arguments(compiled, (state, batch, teacher_params), min_unsharded_bytes),
+                        attention=on_tpu(model.llava.language_model.attention))

@@ -36,10 +36,26 @@ def dense(din: int, dout: int, axes: tuple[str, str], policy: DtypePolicy, rngs:
                       kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]}, rngs=rngs)
 
 
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def target_platform() -> str:
+    """The platform programs are built for: the active mesh's devices (a TPU slice compiled ahead of time from
+    this host included), else the default backend."""
+    from atp_jax.sharding import active_mesh
+
+    mesh = active_mesh()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
               bias: Float[Array, "B N T S"] | None = None, *, causal: bool = False,
-              chunk: int | str | None = "auto") -> Float[Array, "B T N H"]:
-    """Scaled dot-product attention through `jax.nn.dot_product_attention` (fused kernels where available).
+              chunk: int | str | None = "auto", implementation: str = "auto") -> Float[Array, "B T N H"]:
+    """Scaled dot-product attention through `jax.nn.dot_product_attention` (fused kernels where available), or
+    the Pallas TPU flash-attention kernel (`tpu_attention.py`).
+
+    `implementation`: "xla", "pallas", or "auto": Pallas for programs built for a TPU with more than one query
+    (prefill and training; a decode step's single query stays on XLA).
 
     GQA needs no repeat: the kernel maps each group of N // K query heads onto one kv head. `bias` is added
     to the float32 logits; softmax runs in float32. `causal` (query t, key s, T == S) masks s > t.
@@ -48,9 +64,17 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
     (`chunk="auto"`; None disables): each chunk's logits stay in cache and, when causal, a chunk skips the
     keys after its last query (half the work). Other backends get one call with `is_causal`.
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
+    t = q.shape[1]
+    if implementation == "auto":
+        implementation = "pallas" if t > 1 and target_platform() == "tpu" else "xla"
+    if implementation == "pallas":
+        from atp_jax.models.tpu_attention import flash_attention
+
+        return flash_attention(q, k, v, bias, causal=causal)
     if bias is not None:
         bias = bias.astype(jnp.float32)
-    t = q.shape[1]
     if chunk == "auto":
         chunk = CPU_QUERY_CHUNK if jax.default_backend() == "cpu" else None
     if chunk is None or t <= chunk:

@@ -152,11 +152,13 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, K, H]
         return q, k, self.v_proj(x).reshape(b, t, -1, h)  # v: [B, T, K, H]
 
-    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B N T S"] | None):
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias: Float[Array, "B N T S"] | None,
+                 implementation: str = "auto"):
         """Causal self-attention: output [B, T, D], plus the RoPE'd queries [B, T, N, H], keys and values
-        [B, T, K, H] (for side paths and the KV cache)."""
+        [B, T, K, H] (for side paths and the KV cache). `implementation`: as in `common.attention`."""
         q, k, v = self.qkv(x, cos, sin)
-        return self.o_proj(attention(q, k, v, bias, causal=True).reshape(x.shape[0], x.shape[1], -1)), (q, k, v)
+        out = attention(q, k, v, bias, causal=True, implementation=implementation)
+        return self.o_proj(out.reshape(x.shape[0], x.shape[1], -1)), (q, k, v)
 
     def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_cache: Float[Array, "B S K H"],
                v_cache: Float[Array, "B S K H"], bias: Float[Array, "B 1 1 S"], slot):
@@ -187,9 +189,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, policy)
         self.mlp = MLP(cfg, policy, rngs)
 
-    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias):
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, bias, implementation: str = "auto"):
         """Output [B, T, D] and the attention's (q, k, v)."""
-        attended, qkv = self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        attended, qkv = self.self_attn(self.input_layernorm(x), cos, sin, bias, implementation)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), qkv
 
@@ -209,6 +211,7 @@ class LlamaDecoder(nnx.Module):
     def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs):
         self.cfg, self.dtype = cfg, policy.dtype
         self.remat = False  # training sets it: recompute layer activations in the backward pass
+        self.attention = "auto"  # the prefill's and training's attention: "auto", "xla" or "pallas" (common.py)
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=policy.dtype,
                                       param_dtype=policy.param_dtype,
                                       embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
@@ -234,7 +237,7 @@ class LlamaDecoder(nnx.Module):
         cos, sin = rope_cos_sin(self.cfg, positions)
 
         def body(layer, x):
-            x, (_, k, v) = layer(shard(x, "batch", "sequence", "embed"), cos, sin, bias)
+            x, (_, k, v) = layer(shard(x, "batch", "sequence", "embed"), cos, sin, bias, self.attention)
             return x, ((k, v) if return_kv else None)
 
         scanned = stop - 1 if return_last_qk else stop
@@ -243,7 +246,7 @@ class LlamaDecoder(nnx.Module):
             h, kv = scan_layers(self.layers, start, scanned, h, body, remat=self.remat)
         extras = []
         if return_last_qk:
-            h, (q, k, v) = layer_at(self.layers, stop - 1)(h, cos, sin, bias)
+            h, (q, k, v) = layer_at(self.layers, stop - 1)(h, cos, sin, bias, self.attention)
             extras.append((q, k))
             if return_kv:
                 kv = (jnp.concatenate([kv[0], k[None]]), jnp.concatenate([kv[1], v[None]]))

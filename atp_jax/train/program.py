@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from atp_jax.models.common import DtypePolicy
+from atp_jax.models.common import IMPLEMENTATIONS, DtypePolicy
 from atp_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 from atp_jax.models.llava import LlavaForConditionalGeneration
 from atp_jax.pruning.config import fit_to_depth
@@ -87,9 +87,18 @@ def build_model(config, vocab_size: int, image_token_id: int, abstract: bool = F
     # Placed for this depth (baselines included), so the exported model runs every method as the report does.
     pcfg = fit_to_depth(config.pruning.to_dict() | {"mode": "soft"}, llava.config.text.num_hidden_layers)
     llava.language_model.remat = bool(config.model.remat)
+    llava.language_model.attention = attention_implementation(config)
     if abstract:
         return nnx.eval_shape(lambda: PrunedLlava(llava, pcfg, rngs=nnx.Rngs(config.seed + 1)))
     return PrunedLlava(llava, pcfg, rngs=nnx.Rngs(config.seed + 1))
+
+
+def attention_implementation(config) -> str:
+    """The config's `model.attention` (configs saved before the field existed: "auto")."""
+    name = config.model.get("attention", "auto")
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention {name!r}: expected one of {IMPLEMENTATIONS}")
+    return name
 
 
 def optim_config(config) -> OptimConfig:
@@ -220,5 +229,5 @@ def train_program(config, model: PrunedLlava, mesh: Mesh, rules=DEFAULT_RULES, t
                         shardings=shardings, teacher_shardings=teacher_shardings, step=step, eval=evaluate)
 
 
-__all__ = ["MODEL_INPUTS", "TrainProgram", "build_model", "model_config", "model_inputs", "optim_config",
-           "teacher_model", "train_program"]
+__all__ = ["MODEL_INPUTS", "TrainProgram", "attention_implementation", "build_model", "model_config", "model_inputs",
+           "optim_config", "teacher_model", "train_program"]
