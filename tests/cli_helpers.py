@@ -40,14 +40,28 @@ def load_main(script: Path, name: str):
     return module.main
 
 
+CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
 def run_main(main, *args) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `main([args...])`; argparse's SystemExit counts as a status."""
+    """(exit status, stdout, stderr) of `main([args...])`; argparse's SystemExit counts as a status. JAX's
+    persistent compilation cache, which `--compilation-cache` turns on for the process, is turned back off
+    afterwards, so that later tests do not write their programs into this test's directory."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    saved = {name: getattr(jax.config, name) for name in CACHE_OPTIONS}
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:
-            code = e.code
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
     return code, out.getvalue(), err.getvalue()
 
 

@@ -168,9 +168,8 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
                 lengths.append(length)
                 start = stop
             run("head (last token)", _head, graphdef, state, frame, last_only=True)
-        budget = new_tokens
-        cache = tuple(_with_room(seg, budget, mesh) for seg in cache)
-        ds = DecodeState(cache=cache, tokens=_abstract((batch, budget + 1), jnp.int32, rows),
+        cache = tuple(_with_room(seg, new_tokens, mesh) for seg in cache)
+        ds = DecodeState(cache=cache, tokens=_abstract((batch, new_tokens + 1), jnp.int32, rows),
                          step=_abstract((), jnp.int32, NamedSharding(mesh, jax.sharding.PartitionSpec())),
                          done=_abstract((batch,), jnp.bool_, rows),
                          key=_abstract((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
