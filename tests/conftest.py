@@ -7,6 +7,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 # libtpu is installed for the ahead-of-time TPU compiles; the tests (and the commands they start) run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The TPU-program tests (ahead-of-time TPU compiles through libtpu, the Pallas kernel in TPU interpret mode) run in
+# a pytest process of their own, started by tests/test_tpu_programs.py, not in the process of every other test.
+collect_ignore = [] if os.environ.get("ATP_JAX_TPU_TESTS") == "1" else ["tpu"]
+
 import pytest  # noqa: E402
 
 from atp_jax.models.config import LlavaConfig  # noqa: E402
