@@ -18,6 +18,7 @@ from atp_jax.convert.checkpoint import read_converted, save_converted  # noqa: E
 from atp_jax.convert.exporter import write_hf  # noqa: E402
 from atp_jax.convert.importer import assemble, convert_hf, flatten, unflatten  # noqa: E402
 from atp_jax.convert.readers import CheckpointError  # noqa: E402
+from atp_jax.fileio import storage_error  # noqa: E402
 from atp_jax.models.config import ConfigError  # noqa: E402
 
 
@@ -75,6 +76,12 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a full disk, a read-only destination: one line, nothing half-written (staged)
+        error = storage_error(e, f"writing {args.dst}")
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"{message}; wrote {args.dst} in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -1,11 +1,12 @@
 """Answer questions about images with a (pruned) LLaVA checkpoint.
 
   python launch/infer.py --checkpoint DIR --image PATH --prompt TEXT [--visualize OUT.png] [--json]
-  python launch/infer.py --checkpoint DIR --batch-file in.jsonl --output out.jsonl [--batch-size 8]
+  python launch/infer.py --checkpoint DIR --batch-file in.jsonl --output out.jsonl [--batch-size 8] [--image-root D]
 
 One image: the answer streams to the terminal, then the visual tokens per decoder layer, their average, the
 time to first token and the decode speed. A batch file holds lines {"id", "image", "question"} (image paths
-relative to the file's folder, or absolute); bad lines are reported on stderr and skipped, the answers go to
+relative to --image-root, default the file's folder, and inside it); bad lines (bad bytes or JSON, an image
+outside the root, a duplicate id) are reported on stderr by line number and skipped, the answers go to
 --output as {"id", "answer", "token_ids", ...} lines. Mistakes (missing files, bad flags, a prompt too long
 for the model) exit with status 2 and one line on stderr.
 """
@@ -31,6 +32,8 @@ def build_parser() -> Parser:
     p.add_argument("--batch-file", help="JSONL file of {\"id\", \"image\", \"question\"} lines")
     p.add_argument("--output", help="JSONL file the batch answers are written to")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (batch mode)")
+    p.add_argument("--image-root", help="folder the batch file's image paths are relative to and must stay in "
+                   "(default: the batch file's folder)")
     p.add_argument("--prune", choices=PRUNE_METHODS, default="atp", help="visual-token pruning method")
     p.add_argument("--mode", choices=MODES, default="compact",
                    help="compact: pruned tokens leave compute and cache; masked: they are hidden")
@@ -58,6 +61,8 @@ def main(argv=None) -> int:
             parser.error("--batch-file and --output go together")
     elif not (given["image"] and given["prompt"]):
         parser.error("give --image and --prompt (or --batch-file and --output)")
+    if args.image_root and not args.batch_file:
+        parser.error("--image-root goes with --batch-file")
     if args.visualize and args.batch_file:
         parser.error("--visualize works with a single --image")
     if args.compilation_cache:
@@ -70,7 +75,8 @@ def main(argv=None) -> int:
                   sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
     try:
         if args.batch_file:
-            return run_batch(args.checkpoint, args.batch_file, args.output, batch_size=args.batch_size, **common)
+            return run_batch(args.checkpoint, args.batch_file, args.output, batch_size=args.batch_size,
+                             image_root=args.image_root, **common)
         return run_single(args.checkpoint, args.image, args.prompt, visualize=args.visualize, **common)
     except InferError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,12 +8,16 @@ the unpruned model, FastV, PyramidDrop and random pruning at ATP's budget, each 
 and on the ATP-tuned one, and a text-only guesser (a table,
 WORKDIR/eval_results.json, a plot and pictures of the kept patches). A config with `stages` runs each stage in
 WORKDIR/<stage>. Rerunning with the same --workdir resumes from the latest checkpoint (finished stages are
-skipped). Multi-host: on a TPU pod slice the processes find each
+skipped); when every checkpoint is damaged the run stops, unless --start_fresh sets them aside. One run per
+workdir (WORKDIR/train.lock). Exit status: 0 done, 1 the training failed (non-finite steps), 2 a problem with
+the config, the workdir or the storage (one line on stderr), 143 preempted by SIGTERM after saving (rerun to
+resume). Multi-host: on a TPU pod slice the processes find each
 other by themselves; elsewhere set --config.distributed.coordinator=HOST:PORT, .num_processes and .process_id.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -29,6 +33,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "tiny
                                           "a configs/*.py file (get_config())", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and the resolved config "
                                "(default: workdir/<config name>)")
+_START_FRESH = flags.DEFINE_bool("start_fresh", False, "when no checkpoint of the run restores, move them aside "
+                                 "(WORKDIR/checkpoints.damaged-<time>) and train from step 0 instead of stopping")
+PREEMPTED_STATUS = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended: not success, rerun to resume
 
 
 def initialize_distributed(config) -> None:
@@ -51,11 +58,17 @@ def main(argv) -> None:
     initialize_distributed(config)
     import jax
 
+    from atp_jax.fileio import StorageError
     from atp_jax.train.stages import StageConfigError, run_stages
-    from atp_jax.train.trainer import SetupError, TrainingError, train
+    from atp_jax.train.trainer import Preempted, SetupError, TrainingError, train
+    from atp_jax.train.workdir_lock import WorkdirBusy, workdir_lock
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax narrates every checkpoint at INFO
+    # orbax logs a failed save with its traceback from each of its threads; the failure reaches the run as an
+    # exception, which is reported in one line below.
+    absl_logging.get_absl_logger().addFilter(lambda r: not (r.levelno >= logging.ERROR and "orbax" in r.pathname))
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # likewise its futures' "exception never retrieved"
     logging.getLogger("atp_jax").setLevel(logging.INFO)  # our own progress lines (stages, resume) stay visible
     workdir = _WORKDIR.value or str(Path("workdir") / Path(flags.FLAGS["config"].config_filename).stem)
     if jax.process_index() == 0:
@@ -63,19 +76,25 @@ def main(argv) -> None:
               f"device(s); workdir {workdir}")
     try:
         if config.get("stages"):
-            model_dir = run_stages(config, workdir, train)
-            if model_dir is not None and config.report.enabled and jax.process_index() == 0:
-                write_report(config, workdir, model_dir)
+            with workdir_lock(workdir):
+                model_dir = run_stages(config, workdir, functools.partial(train, start_fresh=_START_FRESH.value))
+                if model_dir is not None and config.report.enabled and jax.process_index() == 0:
+                    write_report(config, workdir, model_dir)
             return
-        last = train(config, workdir)
-    except (SetupError, StageConfigError) as e:  # the config cannot run as given: no traceback, status 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        last = train(config, workdir, start_fresh=_START_FRESH.value)
+    except (SetupError, StageConfigError, WorkdirBusy, StorageError) as e:  # one line, no traceback, status 2
+        exit_with(f"error: {e}", 2)
     except TrainingError as e:  # the run itself failed (e.g. too many non-finite steps)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(f"error: {e}", 1)
+    except Preempted as e:
+        exit_with(str(e), PREEMPTED_STATUS)
     if jax.process_index() == 0 and last:
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items())))
+
+
+def exit_with(message: str, status: int) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(status)
 
 
 def write_report(config, workdir, model_dir) -> None:

@@ -72,12 +72,17 @@ def write_batch(d: Path) -> Path:
              json.dumps({"id": "truncated", "image": "truncated.png", "question": QUESTION}), "", good("rgba"),
              json.dumps({"id": "two-images", "image": "rgb.jpg", "question": "<image> and <image>"}), good("cmyk"),
              json.dumps({"id": "too-long", "image": "rgb.jpg", "question": "describe the image " * 12}),
-             good("i16-png"), good("i16-tif")]
-    (d / "in.jsonl").write_text("\n".join(lines) + "\n")
+             good("i16-png"), good("i16-tif"),
+             json.dumps({"id": "escapes", "image": "../../../../etc/passwd", "question": QUESTION}),
+             good("rgb").replace(QUESTION, "Again?")]
+    text = ("\n".join(lines) + "\n").encode()
+    bad_bytes = b'{"id": "latin-1", "image": "rgb.jpg", "question": "caf\xe9?"}\n'  # not UTF-8: only it is lost
+    (d / "in.jsonl").write_bytes(text + bad_bytes)
     return d / "in.jsonl"
 
 
-BAD_LINES = {2: "JSON", 4: "'image'", 6: "nope.png", 8: "truncated.png", 11: "<image>", 13: "too long"}
+BAD_LINES = {2: "JSON", 4: "'image'", 6: "nope.png", 8: "truncated.png", 11: "<image>", 13: "too long",
+             16: "leaves its root", 17: "duplicate id 'rgb' (first on line 1)", 18: "not valid UTF-8 (byte 0xe9"}
 
 
 @pytest.fixture(scope="module")

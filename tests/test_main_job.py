@@ -97,6 +97,24 @@ def test_a_finished_stage_is_not_reused_under_another_config(tmp_path):
     assert calls == []
 
 
+def test_a_stage_saved_before_a_field_existed_compares_it_as_its_earlier_behaviour(tmp_path):
+    def fake_train(config, workdir):
+        saved = config.to_dict()
+        del saved["distill"], saved["model"]["attention"]  # a run saved before these fields were added
+        (workdir / "model").mkdir(parents=True)
+        (workdir / "config.json").write_text(json.dumps(saved, default=str))
+        (workdir / "model" / "atp_config.json").write_text("{}")
+
+    stages.run_stages(chain_config(), tmp_path, fake_train)
+    calls = []
+    assert stages.run_stages(chain_config(), tmp_path, lambda c, w: calls.append(w)) == tmp_path / "atp" / "model"
+    assert calls == []  # the new fields at the values that do what atp_jax did before: reused
+    distilled = chain_config()
+    distilled.distill.weight = 0.5
+    with pytest.raises(stages.StageConfigError, match=r"distill.weight: 0.0 -> 0.5"):
+        stages.run_stages(distilled, tmp_path, fake_train)
+
+
 @pytest.mark.parametrize("target", [144.0, 100.0, 60.0, 40.0])
 def test_fastv_and_pdrop_counts_meet_the_average_budget(target):
     p, n = 144, 8

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_tpu_program_tests_pass_in_their_own_process():
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(ROOT / "tests" / "tpu")],
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(ROOT / "tests" / "tpu")]
+    done = subprocess.run(command,
                           env={**os.environ, "ATP_JAX_TPU_TESTS": "1"}, capture_output=True, text=True, cwd=ROOT,
                           timeout=1800)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Our converted checkpoint directory (orbax parameters + config), atomic writes, and `load_pretrained`.
+"""Our converted checkpoint directory (orbax parameters + config), written atomically, and `load_pretrained`.
 
 Layout of a converted directory:
     atp_config.json   our LlavaConfig
@@ -8,8 +8,6 @@ Layout of a converted directory:
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atp_jax.convert.readers import CheckpointError
+from atp_jax.fileio import staged_directory
 from atp_jax.models.common import DtypePolicy
 from atp_jax.models.config import LlavaConfig
 from atp_jax.models.llava import LlavaForConditionalGeneration
@@ -27,35 +26,6 @@ PARAMS_DIR = "params"
 # Files beside the weights that inference needs (tokenizer, processor, chat template).
 SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
                     "processor_config.json", "chat_template.*", "generation_config.json", "*.model")
-
-
-@contextlib.contextmanager
-def staged_directory(dst: str | Path, overwrite: bool = False):
-    """Yields a temporary sibling of `dst` and renames it to `dst` only if the block succeeds.
-
-    A failed or interrupted write leaves `dst` untouched (absent, or the old one when overwriting).
-    """
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; choose another destination or remove it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    try:
-        yield tmp
-        if dst.exists():  # overwriting: move the old one aside until the new one is in place
-            os.replace(dst, old)
-        try:
-            os.replace(tmp, dst)
-        except BaseException:
-            if old.exists():
-                os.replace(old, dst)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_sidecars(src: Path, dst: Path) -> list[str]:
@@ -87,6 +57,15 @@ def save_converted(dst: str | Path, cfg: LlavaConfig, params: dict, sidecars_fro
 
 def is_converted(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
+
+
+def check_complete(path: str | Path) -> None:
+    """CheckpointError for a converted directory whose writer stopped before the end (parameters without the
+    config file, which is written last)."""
+    path = Path(path)
+    if (path / PARAMS_DIR).exists() and not is_converted(path):
+        raise CheckpointError(f"{path}: an incomplete checkpoint ({PARAMS_DIR}/ but no {CONFIG_FILE}, which is "
+                              "written last): the run that wrote it stopped before the end; write it again")
 
 
 def abstract_model(cfg: LlavaConfig, policy: DtypePolicy) -> LlavaForConditionalGeneration:
@@ -142,6 +121,7 @@ def load_pretrained(path: str | Path, dtype=None, vision_src: str | Path | None 
     """
     path = Path(path)
     dtype = jnp.dtype(dtype) if dtype is not None else None
+    check_complete(path)
     if is_converted(path):
         cfg, params = read_converted(path, dtype)
     elif (path / "config.json").is_file():

@@ -10,7 +10,8 @@ import numpy as np
 from tqdm import tqdm
 
 from atp_jax.convert import keys as K
-from atp_jax.convert.checkpoint import copy_sidecars, staged_directory
+from atp_jax.convert.checkpoint import copy_sidecars
+from atp_jax.fileio import staged_directory
 from atp_jax.models.config import LlavaConfig
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30

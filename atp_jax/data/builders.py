@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from atp_jax.data import synthetic
 from atp_jax.data.conversation import SampleError, normalise_turns, template_text
 from atp_jax.data.images import ImageError, load_image
-from atp_jax.data.sources import SkipReport, iter_entries
+from atp_jax.data.sources import SkipReport, image_path, iter_entries
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def llava_examples(annotation, image_root, report: SkipReport):
             normalise_turns(entry["conversations"], entry["image"] is not None)
             image = b""
             if entry["image"] is not None:
-                path = image_root / entry["image"]
+                path = image_path(image_root, entry["image"])
                 try:
                     load_image(path)
                 except ImageError as e:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from atp_jax.data.conversation import SampleError
+from atp_jax.fileio import inside
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,15 @@ def check_entry(entry, index: int) -> dict:
     return {"id": sample_id, "image": image, "conversations": turns}
 
 
+def image_path(image_root: str | os.PathLike, image: str) -> Path:
+    """An annotation's image path inside its image root; SampleError ('image_outside_root') for a path that
+    leaves it (`../`, an absolute path elsewhere, a link out)."""
+    try:
+        return inside(image_root, image)
+    except ValueError as e:
+        raise SampleError("image_outside_root", str(e)) from e
+
+
 def iter_entries(path: str | os.PathLike, report: SkipReport):
     """Checked entries of an annotation file; bad ones go to `report`."""
     for i, entry in enumerate(read_annotations(path)):
@@ -99,18 +109,26 @@ def iter_entries(path: str | os.PathLike, report: SkipReport):
 
 class AnnotationSource:
     """A random-access source (for grain) over a LLaVA annotation file read directly, images by path:
-    records `{"id", "image": path | None, "conversations", "kind": ""}`. Entries with a bad schema are
-    left out and counted in `report`; image and conversation problems surface when a record is processed."""
+    records `{"id", "image": path | None, "conversations", "kind": ""}`. Entries with a bad schema or an image
+    path outside the image root are left out and counted in `report`; image and conversation problems surface
+    when a record is processed."""
 
     def __init__(self, annotation: str | os.PathLike, image_root: str | os.PathLike, report: SkipReport | None = None):
         self.report = report or SkipReport()
         self.image_root = Path(image_root)
-        self.entries = list(iter_entries(annotation, self.report))
+        self.entries = []
+        for entry in iter_entries(annotation, self.report):
+            try:
+                if entry["image"] is not None:
+                    entry["image"] = str(image_path(self.image_root, entry["image"]))
+            except SampleError as e:
+                self.report.skip(entry["id"], e)
+                continue
+            self.entries.append(entry)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
-        image = None if entry["image"] is None else str(self.image_root / entry["image"])
-        return {"id": entry["id"], "image": image, "conversations": entry["conversations"], "kind": ""}
+        return {"id": entry["id"], "image": entry["image"], "conversations": entry["conversations"], "kind": ""}

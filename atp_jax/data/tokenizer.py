@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from atp_jax.fileio import staged_directory
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -45,10 +46,7 @@ def train_tokenizer(texts: Iterable[str], directory: str | os.PathLike, vocab_si
     """
     import sentencepiece as spm
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory) as staging:
         model = io.BytesIO()  # not model_prefix: the file would record that (temporary) path
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
@@ -65,12 +63,4 @@ def train_tokenizer(texts: Iterable[str], directory: str | os.PathLike, vocab_si
                       str(vocab_size + 1): {"content": PAD_TOKEN, "special": True, "lstrip": False, "rstrip": False,
                                             "normalized": False, "single_word": False}}}
         (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-        if directory.exists():
-            raise FileExistsError(f"{directory} exists")
-        staging.rename(directory)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from atp_jax.eval.normalize import normalize_answer
+from atp_jax.fileio import bad_bytes, text_lines
 
 KINDS = {"vqav2": "open", "gqa": "open", "textvqa": "open", "pope": "pope", "mme": "mme", "scienceqa": "choice",
          "mmbench": "choice"}
@@ -76,16 +78,18 @@ def choice_prompt(question: str, options: Sequence[str], hint: str | None = None
 
 
 def read_jsonl(path: Path, flag: str) -> list[tuple[int, dict]]:
-    """(line number, object) of each non-blank line."""
+    """(line number, object) of each non-blank line. A line that is not valid UTF-8 is skipped, reported on
+    stderr with its number; bad JSON stops the read."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = text_lines(path)
     except FileNotFoundError as e:
         raise EvalError(f"{flag} {path}: no such file") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"{flag} {path}: cannot read it ({e})") from e
+    except OSError as e:
+        raise EvalError(f"{flag} {path}: cannot read it ({e.strerror})") from e
     items = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    for number, line in lines:
+        if isinstance(line, UnicodeDecodeError):
+            print(f"{path}:{number}: skipped: {bad_bytes(line)}", file=sys.stderr)
             continue
         try:
             item = json.loads(line)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from atp_jax.data import synthetic
 from atp_jax.eval import shapes as ev
+from atp_jax.fileio import atomic_path, atomic_write_text
 from atp_jax.pruning.engine import PrunedLlava
 
 RESULTS_FILE = "eval_results.json"
@@ -193,13 +194,11 @@ def plot(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -221,8 +220,6 @@ def visualize(comparison: Comparison, shapes: synthetic.ShapesConfig, directory:
 
 
 def write_json(results: dict, path: Path) -> None:
-    from atp_jax.train.metrics import atomic_write_text
-
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 

@@ -22,9 +22,9 @@ from atp_jax.eval.benchmarks import (
     read_questions,
     score,
 )
+from atp_jax.fileio import atomic_write_text, inside
 from atp_jax.infer.runner import InferError, Prompt, Runner, batches, load, warn_untrained
 from atp_jax.pruning.accounting import flops_ratio
-from atp_jax.train.metrics import atomic_write_text
 
 ANSWERS, RESULTS, RUN = "answers.jsonl", "results.json", "run.json"
 # What run.json pins: the flags that change the answers (--mode does not: masked and compact give the same tokens).
@@ -100,12 +100,19 @@ def answer_row(question: Question, result: dict, runner: Runner) -> dict:
             "flops_ratio": flops_ratio(runner.config, result["visual_tokens_per_layer"], text_tokens)}
 
 
-def missing_images(questions: Sequence[Question], image_folder: Path) -> list[Question]:
-    """The questions whose image file does not exist, each reported on stderr."""
-    missing = [q for q in questions if not (image_folder / q.image).is_file()]
-    for q in missing:
-        print(f"question_id {q.id!r}: skipped: image {image_folder / q.image}: no such file", file=sys.stderr)
-    return missing
+def unusable_images(questions: Sequence[Question], image_folder: Path) -> list[Question]:
+    """The questions whose image lies outside the image folder or does not exist, each reported on stderr."""
+    unusable = []
+    for q in questions:
+        try:
+            if inside(image_folder, q.image).is_file():
+                continue
+            reason = f"image {image_folder / q.image}: no such file"
+        except ValueError as e:
+            reason = f"image {e}"
+        print(f"question_id {q.id!r}: skipped: {reason}", file=sys.stderr)
+        unusable.append(q)
+    return unusable
 
 
 def prepared(runner: Runner, questions: Sequence[Question], image_folder: Path, max_new_tokens: int,
@@ -184,7 +191,7 @@ def evaluate(benchmark: str, questions_file, image_folder, output, checkpoint, *
     if len(pending) < len(questions):
         print(f"{len(questions) - len(pending)} of {len(questions)} questions already answered in {output / ANSWERS}",
               file=sys.stderr)
-    missing = {q.key: q.id for q in missing_images(pending, image_folder)}  # before the model loads
+    missing = {q.key: q.id for q in unusable_images(pending, image_folder)}  # before the model loads
     skipped, pending = list(missing.values()), [q for q in pending if q.key not in missing]
     if pending:
         runner = load(checkpoint, tokenizer_dir, prune, mode, dtype)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from atp_jax.fileio import atomic_path, bad_bytes, inside, storage_error, text_lines
 from atp_jax.infer.generate import Generation, Sampling, generate
 from atp_jax.pruning.engine import PrunedLlava
 
@@ -170,7 +171,7 @@ def load(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike | None 
     """The model of `checkpoint` (a converted atp_jax directory or an HF llava directory), its tokenizer (from
     `tokenizer_dir` when given, else from the checkpoint directory) and pruning by `prune`: the checkpoint's
     trained ATP thresholds when it has them, else the default placement for its depth. Raises InferError."""
-    from atp_jax.convert.checkpoint import load_pretrained
+    from atp_jax.convert.checkpoint import check_complete, load_pretrained
     from atp_jax.convert.readers import CheckpointError
     from atp_jax.models.config import ConfigError
     from atp_jax.pruning.checkpoint import load_pruned
@@ -184,6 +185,10 @@ def load(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike | None 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise InferError(f"checkpoint {checkpoint}: no such directory")
+    try:
+        check_complete(checkpoint)
+    except CheckpointError as e:
+        raise InferError(str(e)) from e
     tokenizer = find_tokenizer(checkpoint, tokenizer_dir)  # before the weights: the cheap check fails first
     try:
         llava, config = load_pretrained(checkpoint, dtype)
@@ -389,19 +394,21 @@ class BatchLine:
     question: str
 
 
-def read_batch(path: Path) -> list[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of a JSONL file."""
+def read_batch(path: Path) -> list[tuple[int, str | UnicodeDecodeError]]:
+    """(line number, text) of the non-blank lines of a JSONL file; a line that is not UTF-8 comes with its
+    decoding error instead, to be reported alone."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return text_lines(path)
     except FileNotFoundError as e:
         raise InferError(f"--batch-file {path}: no such file") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise InferError(f"--batch-file {path}: cannot read it ({e})") from e
-    return [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    except OSError as e:
+        raise InferError(f"--batch-file {path}: cannot read it ({e.strerror})") from e
 
 
-def parse_line(number: int, text: str, base: Path) -> BatchLine:
-    """One `{"id", "image", "question"}` line; the image path is taken relative to `base` unless absolute."""
+def parse_line(number: int, text: str | UnicodeDecodeError, root: Path) -> BatchLine:
+    """One `{"id", "image", "question"}` line; the image path is taken relative to `root` and must stay in it."""
+    if isinstance(text, UnicodeDecodeError):
+        raise InferError(bad_bytes(text))
     try:
         item = json.loads(text)
     except json.JSONDecodeError as e:
@@ -416,15 +423,25 @@ def parse_line(number: int, text: str, base: Path) -> BatchLine:
             raise InferError(f"field {key!r} must be a string, got {type(item[key]).__name__}")
     if not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool):
         raise InferError(f"field 'id' must be a string or an integer, got {type(item['id']).__name__}")
-    return BatchLine(number, item["id"], base / item["image"], item["question"])
+    try:
+        image = inside(root, item["image"])
+    except ValueError as e:
+        raise InferError(f"image {e}") from e
+    return BatchLine(number, item["id"], image, item["question"])
 
 
-def prepared_lines(runner: Runner, lines: list[tuple[int, str]], base: Path, max_new_tokens: int,
-                   report: Callable[[int, str], None]) -> Iterator[tuple[BatchLine, Prompt]]:
-    """The lines that parse and prepare; each other one goes to `report(line number, message)`."""
+def prepared_lines(runner: Runner, lines: list[tuple[int, str | UnicodeDecodeError]], root: Path,
+                   max_new_tokens: int, report: Callable[[int, str], None]) -> Iterator[tuple[BatchLine, Prompt]]:
+    """The lines that parse and prepare; each other one goes to `report(line number, message)`. An id seen on
+    an earlier line is reported as a duplicate and its line skipped."""
+    first: dict = {}
     for number, text in lines:
         try:
-            line = parse_line(number, text, base)
+            line = parse_line(number, text, root)
+            key = (type(line.id).__name__, line.id)
+            if key in first:
+                raise InferError(f"duplicate id {line.id!r} (first on line {first[key]})")
+            first[key] = number
             prompt = runner.prepare(line.question, line.image, max_new_tokens)
         except InferError as e:
             report(number, str(e))
@@ -445,10 +462,12 @@ def batches(items: Iterator, size: int) -> Iterator[list]:
 
 def run_batch(checkpoint, batch_file, output, *, tokenizer_dir=None, prune: str = "atp", mode: str = "compact",
               dtype: str | None = None, max_new_tokens: int = 128, sampling: Sampling = GREEDY, seed: int = 0,
-              batch_size: int = 8, as_json: bool = False, out=None) -> int:
+              batch_size: int = 8, as_json: bool = False, out=None, image_root=None) -> int:
     """Answers every line `{"id", "image", "question"}` of a JSONL file, `batch_size` at a time, and writes
-    `{"id", answer fields...}` lines in input order to `output` (atomically: all or nothing). Bad lines are
-    reported on stderr by line number and skipped. Returns 0 when at least one line was answered."""
+    `{"id", answer fields...}` lines in input order to `output` (atomically: all or nothing). Image paths are
+    relative to `image_root` (default: the batch file's folder) and must stay inside it. Bad lines (bad bytes,
+    bad JSON, an image outside the root, a duplicate id...) are reported on stderr by line number and skipped.
+    Returns 0 when at least one line was answered."""
     from tqdm import tqdm
 
     out = out or sys.stdout
@@ -459,6 +478,9 @@ def run_batch(checkpoint, batch_file, output, *, tokenizer_dir=None, prune: str 
     output = check_writable(output, "--output")
     if output.resolve() == batch_file.resolve():
         raise InferError("--output must not be the --batch-file")
+    root = Path(image_root) if image_root is not None else batch_file.parent
+    if not root.is_dir():
+        raise InferError(f"--image-root {root}: not a directory")
     lines = read_batch(batch_file)
     if not lines:
         raise InferError(f"--batch-file {batch_file}: no lines to answer")
@@ -473,7 +495,7 @@ def run_batch(checkpoint, batch_file, output, *, tokenizer_dir=None, prune: str 
             bar.update(1)
 
         def answered() -> Iterator[dict]:
-            good = prepared_lines(runner, lines, batch_file.parent, max_new_tokens, report)
+            good = prepared_lines(runner, lines, root, max_new_tokens, report)
             for batch in batches(good, batch_size):
                 results = runner.run([p for _, p in batch], max_new_tokens, sampling, seed)
                 bar.update(len(batch))
@@ -490,27 +512,31 @@ def run_batch(checkpoint, batch_file, output, *, tokenizer_dir=None, prune: str 
     return 0
 
 
+class _NothingWritten(Exception):
+    pass
+
+
 def write_jsonl_atomic(path: Path, records: Iterator[dict], echo=None) -> int:
     """Writes `records` as JSON lines to a temporary sibling of `path` and renames it into place once all are
     written (a crash leaves no half file; no record at all leaves no file). Returns the number written."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     count = 0
     try:
-        f = open(tmp, "w", encoding="utf-8")  # closed by the `with` below
-    except OSError as e:  # before any answer is computed: a user error, not a crash
-        raise InferError(f"--output {path}: cannot write there ({e.strerror})") from e
-    try:
-        with f:
-            for record in records:
-                line = json.dumps(record)
-                f.write(line + "\n")
-                if echo is not None:
-                    print(line, file=echo, flush=True)
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        if count:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            try:
+                f = open(tmp, "w", encoding="utf-8")  # closed by the `with` below
+            except OSError as e:  # before any answer is computed: a user error, not a crash
+                raise InferError(f"--output {path}: cannot write there ({e.strerror})") from e
+            with f:
+                for record in records:
+                    line = json.dumps(record)
+                    f.write(line + "\n")
+                    if echo is not None:
+                        print(line, file=echo, flush=True)
+                    count += 1
+            if not count:
+                raise _NothingWritten
+    except _NothingWritten:
+        pass
+    except OSError as e:
+        raise InferError(str(storage_error(e, f"--output {path}: cannot write it"))) from e
     return count

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from atp_jax.data.images import expand_to_square
+from atp_jax.fileio import atomic_path
 
 PANEL = 336  # image side of a panel in pixels
 TITLE = 28  # height of the title strip above each panel
@@ -92,10 +93,6 @@ def draw_kept(image: Image.Image, kept_per_module: Sequence[Sequence[int]], grid
 def save_atomic(image: Image.Image, out_path: str | os.PathLike) -> Path:
     """Saves a PNG to a temporary sibling and renames it into place, so readers never see half a file."""
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
-    try:
+    with atomic_path(out_path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path

@@ -174,11 +174,22 @@ class LlavaConfig:
         return _strict(cls, {**d, "vision": vision, "text": text}, "llava")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from atp_jax.fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LlavaConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a valid JSON file ({e})") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
     # ---- HF config.json ----------------------------------------------------------------------------------
 
@@ -287,7 +298,78 @@ def _reject_unknown(d: dict, where: str) -> None:
         raise ConfigError(f"{where}: unknown or unsupported fields {unknown}")
 
 
+# Fields that must be at least 1 (sizes and counts) or above 0 (epsilons, the RoPE base, the pruning
+# temperature); the image token's index is >= 0 (token ids may be -1 in older LLaMA configs). Checked on every
+# config read: ours, transformers' and the saved pruning config.
+_POSITIVE_INTS = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "image_size",
+                            "patch_size", "projection_dim", "image_seq_length", "mlp_width", "sorted_len"})
+_POSITIVE_FLOATS = frozenset({"layer_norm_eps", "rms_norm_eps", "rope_theta", "temperature"})
+_NON_NEGATIVE_INTS = frozenset({"image_token_index"})
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _expected(name: str, hint) -> str | None:
+    """What a field's value must be, as words; None when the hint is not one of the simple kinds checked here
+    (nested configs, `rope_scaling`)."""
+    base = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    words = []
+    for part in str(hint).replace(" ", "").split("|"):
+        if part in base:
+            words.append(base[part])
+        elif part == "None":
+            words.append("null")
+        elif part == "tuple[int,...]":
+            words.append("a list of integers")
+        elif part == "tuple[float,...]":
+            words.append("a list of numbers")
+        else:
+            return None
+    if name in _POSITIVE_INTS:
+        words = ["an integer >= 1" if w == "an integer" else w for w in words]
+    elif name in _NON_NEGATIVE_INTS:
+        words = ["an integer >= 0" if w == "an integer" else w for w in words]
+    elif name in _POSITIVE_FLOATS:
+        words = ["a number > 0" if w == "a number" else w for w in words]
+    return " or ".join(words)
+
+
+def _fits(name: str, value, hint) -> bool:
+    for part in str(hint).replace(" ", "").split("|"):
+        if part == "None" and value is None:
+            return True
+        if part == "bool" and isinstance(value, bool):
+            return True
+        if part == "str" and isinstance(value, str):
+            return True
+        if part == "int" and _is_int(value):
+            low = 1 if name in _POSITIVE_INTS else 0 if name in _NON_NEGATIVE_INTS else None
+            return low is None or value >= low
+        if part == "float" and (_is_int(value) or isinstance(value, float)):
+            return value == value and abs(value) != float("inf") and (name not in _POSITIVE_FLOATS or value > 0)
+        if part == "tuple[int,...]" and isinstance(value, list | tuple) and all(map(_is_int, value)):
+            return True
+        if part == "tuple[float,...]" and isinstance(value, list | tuple) and all(
+                (_is_int(v) or isinstance(v, float)) and v == v for v in value):
+            return True
+    return False
+
+
+def check_types(cls, d: dict, where: str) -> None:
+    """ConfigError naming the field, its value and what it must be, for a value of the wrong type or range."""
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        expected = _expected(f.name, f.type)
+        if expected is not None and not _fits(f.name, d[f.name], f.type):
+            raise ConfigError(f"{where}.{f.name} = {d[f.name]!r}: expected {expected}")
+
+
 def _strict(cls, d: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     _reject_unknown({k: v for k, v in d.items() if k not in names}, where)
+    check_types(cls, d, where)
     return cls(**{k: v for k, v in d.items() if k in names})

@@ -24,10 +24,17 @@ def config_to_dict(pcfg: PruningConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> PruningConfig:
+    """A PruningConfig from its saved dict; ValueError naming the field for an unknown one or a value of the
+    wrong type."""
+    from atp_jax.models.config import check_types
+
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(PruningConfig)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ValueError(f"unknown pruning config fields: {unknown}")
+    check_types(PruningConfig, d, "pruning")
     return PruningConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -67,7 +74,10 @@ def load_pruned(directory: str | Path, llava, rngs: nnx.Rngs | None = None, **ov
     directory = Path(directory).absolute()  # orbax reads absolute paths only
     n_layers = llava.config.text.num_hidden_layers
     if has_pruning(directory):
-        saved = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        try:
+            saved = config_from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{directory / CONFIG_FILE}: {e}") from e
         pcfg = dataclasses.replace(saved, **overrides)
     else:
         saved, pcfg = None, dataclasses.replace(fit_to_depth({}, n_layers), **overrides)

@@ -11,6 +11,7 @@ file stays strict JSON, and ``float(value)`` reads every value back, numbers and
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -18,7 +19,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 from tqdm import tqdm
+
+from atp_jax.fileio import atomic_write_text, storage_error
 
 METRICS_FILE = "metrics.jsonl"
 # "gs://bucket/run", also after pathlib made it "gs:/bucket/run".
@@ -85,32 +87,19 @@ def json_number(x: int | float) -> int | float | str:
     return x
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` so that readers, and a run killed meanwhile, see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def resume_metrics_file(path: Path, resume_step: int | None) -> None:
+def resume_metrics_file(path: Path, resume_step: int | None) -> int | None:
     """Make `path` what it was when step `resume_step` was logged: drop later steps and a half-written line.
+    Returns the last step kept (None for none).
 
     The text after the last newline is a line a killed run was still writing, and is dropped. Lines with
     ``step > resume_step`` are dropped too (``resume_step=None`` keeps every complete line). The file is only
     rewritten, atomically, when something is dropped; kept lines keep their exact bytes.
     """
     if not path.exists():
-        return
+        return None
     text = path.read_text(encoding="utf-8")
     *complete, partial = text.split("\n")
-    kept = []
+    kept, last = [], None
     for number, line in enumerate(complete, start=1):
         try:
             step = json.loads(line)["step"]
@@ -119,8 +108,10 @@ def resume_metrics_file(path: Path, resume_step: int | None) -> None:
             raise ValueError(f"{path} line {number} is not a JSON object with a step ({e}); fix or remove it") from e
         if resume_step is None or step <= resume_step:
             kept.append(line + "\n")
+            last = step if last is None else max(last, step)
     if partial or len(kept) < len(complete):
         atomic_write_text(path, "".join(kept))
+    return last
 
 
 class MetricWriter:
@@ -147,11 +138,12 @@ class MetricWriter:
         self.workdir = Path(workdir)
         self.is_main = is_main
         self._file = self._tensorboard = self._wandb = None
+        self._last_step: int | None = None
         if not is_main:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / METRICS_FILE
-        resume_metrics_file(path, resume_step)
+        self._last_step = resume_metrics_file(path, resume_step)
         self._file = path.open("a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -171,7 +163,8 @@ class MetricWriter:
         return wandb.init(project=project, dir=str(self.workdir), id=id_path.read_text().strip(), resume="allow")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Log `metrics` (name -> Python / NumPy / JAX scalar) at `step`; one flushed line in metrics.jsonl."""
+        """Log `metrics` (name -> Python / NumPy / JAX scalar) at `step`; one flushed line in metrics.jsonl.
+        Steps must grow: the file holds each step once (log everything of a step in one call)."""
         if not self.is_main:
             return
         if self._file is None:
@@ -179,15 +172,22 @@ class MetricWriter:
         if "step" in metrics:
             raise ValueError("'step' is the record's key for the step; name the metric otherwise")
         step = int(step)
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"step {step} logged after step {self._last_step}: {self.workdir / METRICS_FILE} "
+                             "holds each step once, in order")
         values = {name: to_scalar(name, value) for name, value in metrics.items()}
         record = {"step": step, **{name: json_number(v) for name, v in values.items()}}
-        # Flushed per line: a killed run loses at most the line being written (see resume_metrics_file).
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
-        if self._tensorboard is not None:
-            for name, v in values.items():
-                self._tensorboard.add_scalar(name, float(v), step)
-            self._tensorboard.flush()  # likewise, rather than tensorboardX's default of every 2 minutes
+        try:
+            # Flushed per line: a killed run loses at most the line being written (see resume_metrics_file).
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+            if self._tensorboard is not None:
+                for name, v in values.items():
+                    self._tensorboard.add_scalar(name, float(v), step)
+                self._tensorboard.flush()  # likewise, rather than tensorboardX's default of every 2 minutes
+        except OSError as e:
+            raise storage_error(e, f"writing metrics in {self.workdir}") from e
+        self._last_step = step
         if self._wandb is not None:
             self._wandb.log(values, step=step)
 
@@ -205,8 +205,9 @@ class MetricWriter:
     def close(self) -> None:
         """Flush and close everything; safe to call twice."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):  # a write that failed has raised already
+                file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None

@@ -25,6 +25,11 @@ STAGE_FIELDS = ("stages", "stage_overrides", "report")  # fields of the chain it
 RUN_FIELDS = ("mesh", "distributed", "log_every", "eval_every", "eval_batches", "checkpoint_every",
               "keep_checkpoints", "max_bad_steps", "data.cache_dir", "data.worker_count")
 
+# Fields added to the config after runs were saved, with the value that does what atp_jax did before they
+# existed: a finished stage saved without one is reused when the field still has that value.
+ADDED_FIELDS = {"distill.weight": 0.0, "distill.temperature": 1.0, "model.attention": "auto",
+                "model.vision_position_std": 0.0}
+
 
 class StageConfigError(ValueError):
     """A finished stage in the workdir was trained under another config."""
@@ -75,12 +80,14 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def changed_fields(stage_dir: Path, config: ConfigDict, ignore: tuple[str, ...] = RUN_FIELDS) -> list[str]:
     """'field: saved -> now' for each field outside `ignore` in which `config` differs from the config the run in
-    `stage_dir` saved (none when it saved none)."""
+    `stage_dir` saved (none when it saved none). A field the saved config lacks compares as its value in
+    ADDED_FIELDS (the behaviour of atp_jax before the field existed)."""
     path = stage_dir / RUN_CONFIG_FILE  # the trainer writes it when the run starts
     if not path.is_file():
         return []
     before = _flat(json.loads(path.read_text()))
     now = _flat(json.loads(json.dumps(config.to_dict(), default=str)))  # as the trainer saves it
+    before = {**{k: v for k, v in ADDED_FIELDS.items() if k in now}, **before}
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
             if before.get(k) != now.get(k) and not any(k == f or k.startswith(f + ".") for f in ignore)]
 

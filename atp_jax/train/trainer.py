@@ -4,7 +4,8 @@ Data -> model (fresh or from a converted checkpoint) placed on the mesh -> optim
 latest complete checkpoint (parameters, optimizer, step, data iterator) -> jitted, donated train steps ->
 metrics, periodic evaluation and checkpoints -> a final checkpoint and the trained model exported to
 `WORKDIR/model` (a converted checkpoint with its tokenizer and pruning modules). SIGTERM (TPU preemption)
-saves and exits.
+saves and raises `Preempted`. One run per workdir (`workdir_lock`); a storage failure (a full disk) raises a
+one-line `StorageError` and leaves the last complete checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from atp_jax.fileio import storage_error
 from atp_jax.pruning.accounting import train_step_flops
 from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, use_mesh
 from atp_jax.train import checkpointing, data
@@ -25,6 +27,7 @@ from atp_jax.train.export import export_model
 from atp_jax.train.metrics import MetricWriter, Progress, peak_flops_per_device
 from atp_jax.train.optim import learning_rates
 from atp_jax.train.program import build_model, model_inputs, teacher_model, train_program
+from atp_jax.train.workdir_lock import workdir_lock
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +41,20 @@ class SetupError(ValueError):
 
 
 class Preempted(Exception):
-    pass
+    """SIGTERM stopped the run after it saved its step; rerunning the same command resumes."""
 
 
-def train(config, workdir: str | Path) -> dict:
-    """Runs (or resumes) the training described by `config` in `workdir`; returns the last logged metrics."""
+def train(config, workdir: str | Path, start_fresh: bool = False) -> dict:
+    """Runs (or resumes) the training described by `config` in `workdir`; returns the last logged metrics.
+    When the workdir has checkpoints and none restores, SetupError, unless `start_fresh`: then they are set
+    aside (renamed, not deleted) and the run starts from step 0, data order included."""
     workdir = Path(workdir)
+    with workdir_lock(workdir):
+        return _train(config, workdir, start_fresh)
+
+
+def _train(config, workdir: Path, start_fresh: bool) -> dict:
     is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
     from atp_jax.convert.readers import CheckpointError
     from atp_jax.data.tokenizer import TokenizerError
 
@@ -67,10 +76,11 @@ def train(config, workdir: str | Path) -> dict:
         raise TrainingError(f"batch_size {config.batch_size} does not split over {jax.process_count()} processes")
     loader = data.loader(config, ds, ds.sources["train"], cfg, per_process, seed=config.seed)
     iterator = iter(loader)
-    manager = checkpointing.manager(workdir / "checkpoints", config.checkpoint_every, config.keep_checkpoints)
-    restored = checkpointing.restore_latest(manager, state, iterator)
+    manager, restored = restore(config, workdir, state, iterator, start_fresh)
     if restored is not None:
         state, iterator = restored
+    else:
+        iterator = iter(loader)  # failed restores may have moved it
     start = int(state.step)
     writer = MetricWriter(workdir, is_main, resume_step=start)  # drops lines a killed run wrote after its checkpoint
     writer.write_config(config.to_dict())
@@ -84,6 +94,7 @@ def train(config, workdir: str | Path) -> dict:
     progress = Progress(config.total_steps, initial_step=start, is_main=is_main)
     peak = peak_flops_per_device()
     last: dict = {}
+    stopped_at = None
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(use_mesh(mesh, DEFAULT_RULES))  # activation sharding constraints while tracing
@@ -100,6 +111,7 @@ def train(config, workdir: str | Path) -> dict:
             if logged and int(state.bad_steps) >= config.max_bad_steps:
                 raise TrainingError(f"{config.max_bad_steps} consecutive steps with a non-finite loss or gradient "
                                     f"(step {done}); the last good checkpoint is kept in {workdir / 'checkpoints'}")
+            record = {}
             if logged:
                 metrics = jax.device_get(metrics)
                 elapsed = (time.perf_counter() - window_start) / window_steps
@@ -113,28 +125,63 @@ def train(config, workdir: str | Path) -> dict:
                 last |= {f"lr_{k}": v for k, v in learning_rates(ocfg, updates).items()}
                 if peak:
                     last["mfu"] = flops / elapsed / (peak * jax.device_count())
-                writer.write(done, last)
+                record |= last
                 progress.update(done, loss=last["loss"], tokens=last["avg_visual_tokens"])
                 window_start, window_steps = time.perf_counter(), 0
             if config.eval_every and done % config.eval_every == 0 and "eval" in ds.sources:
-                writer.write(done, evaluate(eval_fn, state, config, ds, cfg, mesh))
-            manager.save(done, args=checkpointing.save_args(state, iterator))
+                record |= evaluate(eval_fn, state, config, ds, cfg, mesh)
+            if record:
+                writer.write(done, record)  # one line per step, before that step's checkpoint
+            checkpointing.save(manager, done, state, iterator)
             if preempted["flag"]:
-                raise Preempted
-        checkpointing.save_now(manager, int(state.step), state, iterator)
-        nnx.update(model, state.params, state.rest)
-        export_model(workdir / "model", model, ds.tokenizer_dir)
-    except Preempted:
-        checkpointing.save_now(manager, int(state.step), state, iterator)
-        log.warning("SIGTERM: saved step %d and stopped", int(state.step))
+                stopped_at = done
+                break
+        checkpointing.save(manager, int(state.step), state, iterator, force=True)
+        checkpointing.wait(manager)
+        if stopped_at is None:
+            nnx.update(model, state.params, state.rest)
+            export_model(workdir / "model", model, ds.tokenizer_dir)
+    except Exception as e:
+        error = storage_error(e, f"training in {workdir}")
+        if error is None:
+            raise
+        raise error from e
     finally:
         stack.close()
         signal.signal(signal.SIGTERM, previous)
-        manager.wait_until_finished()
-        manager.close()
+        checkpointing.close(manager, workdir / "checkpoints", is_main)
         writer.close()
         progress.close()
+    if stopped_at is not None:
+        log.warning("SIGTERM: saved step %d and stopped", stopped_at)
+        raise Preempted(f"preempted (SIGTERM) at step {stopped_at}: saved {workdir / 'checkpoints' / str(stopped_at)}; "
+                        "rerun the same command to resume")
     return last
+
+
+def restore(config, workdir: Path, state, iterator, start_fresh: bool):
+    """(checkpoint manager, restored (state, iterator) or None). Unfinished saves of an earlier run are
+    removed first; when no checkpoint restores, SetupError, or with `start_fresh` the checkpoints are set aside."""
+    directory = workdir / "checkpoints"
+    if jax.process_index() == 0:
+        removed = checkpointing.remove_unfinished(directory)
+        if removed:
+            log.warning("removed unfinished checkpoint saves of an earlier run: %s", ", ".join(removed))
+    manager = checkpointing.manager(directory, config.checkpoint_every, config.keep_checkpoints)
+    try:
+        return manager, checkpointing.restore_latest(manager, state, iterator)
+    except checkpointing.CheckpointsDamaged as e:
+        manager.close()
+        if not start_fresh:
+            raise SetupError(f"{e}; rerun with --start_fresh to set them aside and train from step 0") from None
+    if jax.process_index() == 0:
+        aside = checkpointing.set_aside(directory)
+        log.warning("no checkpoint restores: moved them to %s and starting from step 0", aside)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    return checkpointing.manager(directory, config.checkpoint_every, config.keep_checkpoints), None
 
 
 def evaluate(eval_fn, state, config, ds: data.Data, cfg, mesh) -> dict:
