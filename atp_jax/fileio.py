@@ -39,8 +39,8 @@ def check_free_space(directory: str | os.PathLike, needed: int, what: str) -> No
 
 # tensorstore (orbax's array writer) and safetensors report the system error inside their messages, e.g.
 #   ValueError: RESOURCE_EXHAUSTED: Error writing local file "/w/ckpt/_sharding": ... [os_error_code='28']
-#   SafetensorError: Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space ..." })
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)'?|Os \{ code: (\d+)")
+#   SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)'?|\(os error (\d+)\)")
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 
 

@@ -253,8 +253,7 @@ def test_jax_to_hf_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monke
         pass
 
     def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                              '"No space left on device" })')
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     code, _, err = run_main(load_main(ROOT / "launch" / "convert.py", "convert"), "jax-to-hf", "--src",
