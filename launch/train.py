@@ -69,6 +69,7 @@ def main(argv) -> None:
     # exception, which is reported in one line below.
     absl_logging.get_absl_logger().addFilter(lambda r: not (r.levelno >= logging.ERROR and "orbax" in r.pathname))
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # likewise its futures' "exception never retrieved"
+    sys.unraisablehook = quiet_closed_loops(sys.unraisablehook)
     logging.getLogger("atp_jax").setLevel(logging.INFO)  # our own progress lines (stages, resume) stay visible
     workdir = _WORKDIR.value or str(Path("workdir") / Path(flags.FLAGS["config"].config_filename).stem)
     if jax.process_index() == 0:
@@ -90,6 +91,19 @@ def main(argv) -> None:
         exit_with(str(e), PREEMPTED_STATUS)
     if jax.process_index() == 0 and last:
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items())))
+
+
+def quiet_closed_loops(hook):
+    """`hook` without one message: when a checkpoint write fails, orbax closes its event loop while tensorstore
+    still completes the other writes, and each completion reports "Event loop is closed" as an unraisable
+    error (a traceback apiece, hundreds of them). The failure itself reaches the run and is reported."""
+
+    def filtered(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            hook(unraisable)
+
+    return filtered
 
 
 def exit_with(message: str, status: int) -> None:
