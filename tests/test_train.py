@@ -1,5 +1,5 @@
-"""Training end to end on CPU: meshes give the 1-device losses, resume after SIGKILL, SIGTERM, damaged checkpoints,
-two processes."""
+"""Training end to end on CPU: meshes give the 1-device losses, resume after SIGKILL, a damaged checkpoint, two
+processes (SIGTERM and the other faults: tests/test_faults.py)."""
 
 import json
 import os
@@ -112,18 +112,6 @@ def test_killed_and_restarted_run_logs_the_losses_of_an_uninterrupted_one(cache,
         assert proc.returncode == 0, err[-3000:]
     assert losses(tmp_path / "broken") == losses(tmp_path / "whole")
     assert sorted(losses(tmp_path / "whole")) == list(range(1, 9))
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_with_the_preemption_status(cache, tmp_path):
-    proc = run_cli(tmp_path, cache, "--config.total_steps=1000", "--config.checkpoint_every=2")
-    wait_for_checkpoint(tmp_path, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]  # preempted: not success, a scheduler reruns it
-    saved = max(int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit())
-    assert saved == max(losses(tmp_path)) and saved < 1000  # the step it had reached, not only the periodic one
-    assert "SIGTERM" in err
 
 
 def free_port() -> int:
