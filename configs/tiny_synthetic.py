@@ -58,7 +58,9 @@ def get_config() -> ConfigDict:
     # ShapesConfig fields to change (atp_jax/data/synthetic.py), e.g. max_objects=3. The sizes are the defaults,
     # named here so that a stage can override them (a stage override may only change fields the config has).
     c.data.shapes = ConfigDict(dict(min_size=0.12, max_size=0.22))
-    c.data.shapes_train_size = 8000  # per config (vqa, multi, caption); the chain reads at most 6400 of each
+    # Training images per config (vqa, multi, caption): stage 1 draws 300 x 16 captions, stage 2 2400 x 16
+    # four-question samples (4.8 passes), stage 3 600 x 16.
+    c.data.shapes_train_size = 8000
 
     c.optim = ConfigDict()
     # Learning rates per parameter group; 0 freezes the group (no optimizer state is kept for it).
