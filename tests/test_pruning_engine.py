@@ -160,7 +160,7 @@ def numpy_last_token_attention(llava, ids, pixels, layer: int) -> np.ndarray:
     lm = llava.language_model
     h, _, image_mask = llava.embed(ids, pixels)
     positions = positions_from_mask(None, *ids.shape)
-    x = np.asarray(lm.run_layers(h, positions, None, 0, layer), np.float64)  # input of `layer`
+    x = np.asarray(lm.run_layers(h, positions, None, 0, layer).h, np.float64)  # input of `layer`
     params = jax.tree.map(lambda a: np.asarray(a[layer], np.float64), nnx.to_pure_dict(nnx.state(lm.layers)))
     norm = x / np.sqrt((x**2).mean(-1, keepdims=True) + CFG.text.rms_norm_eps) * params["input_layernorm"]["weight"]
     hd, n, kv = CFG.text.dim_per_head, CFG.text.num_attention_heads, CFG.text.num_key_value_heads

@@ -7,6 +7,7 @@ takes the hidden state, the position ids of its tokens and an additive attention
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -205,6 +206,16 @@ class DecoderLayer(nnx.Module):
 # ---- model -----------------------------------------------------------------------------------------------
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayersOutput:
+    """What `LlamaDecoder.run_layers` returns; the optional parts are None unless asked for."""
+
+    h: Float[Array, "B T D"]  # the hidden state after the layers
+    qk: tuple[Array, Array] | None = None  # the last layer's RoPE'd queries [B, T, N, H] and keys [B, T, K, H]
+    kv: tuple[Array, Array] | None = None  # every layer's keys and values, each [n, B, T, K, H] (the KV cache)
+
+
 class LlamaDecoder(nnx.Module):
     """Embedding table, stacked decoder layers, final norm and LM head."""
 
@@ -226,12 +237,12 @@ class LlamaDecoder(nnx.Module):
 
     def run_layers(self, h: Float[Array, "B T D"], positions: Int[Array, "B T"],
                    bias: Float[Array, "B N T S"] | None = None, start: int = 0, stop: int | None = None,
-                   return_last_qk: bool = False, return_kv: bool = False):
+                   return_last_qk: bool = False, return_kv: bool = False) -> LayersOutput:
         """Decoder layers `start..stop-1` on `h`, tokens at RoPE `positions`.
 
-        Attention is causal in the order of `h`; `bias` adds to the logits (padding, pruning masks). Returns
-        `h`, followed, when asked, by the last layer's RoPE'd queries and keys `(q, k)` (the pruning side path)
-        and by every layer's keys and values `(k, v)`, each [stop - start, B, T, K, H] (the KV cache).
+        Attention is causal in the order of `h`; `bias` adds to the logits (padding, pruning masks). Returns the
+        hidden state and, when asked, the last layer's RoPE'd queries and keys (the pruning side path) and every
+        layer's keys and values (the KV cache).
         """
         stop = self.cfg.num_hidden_layers if stop is None else stop
         cos, sin = rope_cos_sin(self.cfg, positions)
@@ -244,15 +255,13 @@ class LlamaDecoder(nnx.Module):
         kv = (jnp.zeros((0,) + h.shape[:2] + (self.cfg.num_key_value_heads, self.cfg.dim_per_head), self.dtype),) * 2
         if scanned > start:
             h, kv = scan_layers(self.layers, start, scanned, h, body, remat=self.remat)
-        extras = []
+        qk = None
         if return_last_qk:
             h, (q, k, v) = layer_at(self.layers, stop - 1)(h, cos, sin, bias, self.attention)
-            extras.append((q, k))
+            qk = (q, k)
             if return_kv:
                 kv = (jnp.concatenate([kv[0], k[None]]), jnp.concatenate([kv[1], v[None]]))
-        if return_kv:
-            extras.append(kv)
-        return (h, *extras) if extras else h
+        return LayersOutput(h=h, qk=qk, kv=kv if return_kv else None)
 
     def decode_layers(self, h: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], k_cache, v_cache,
                       bias: Float[Array, "B 1 1 S"], slot, start: int, stop: int):

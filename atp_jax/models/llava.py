@@ -78,7 +78,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         h, features, _ = self.embed(input_ids, pixel_values)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, b, t)
-        h = self.language_model.run_layers(h, position_ids, padding_bias(attention_mask))
+        h = self.language_model.run_layers(h, position_ids, padding_bias(attention_mask)).h
         logits = self.language_model.head(h).astype(jnp.float32)
         return LlavaOutput(logits=logits, image_features=features)
 

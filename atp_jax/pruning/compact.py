@@ -22,7 +22,7 @@ from atp_jax.models.kv_cache import Segment, make_segment
 from atp_jax.models.llama import padding_bias, positions_from_mask
 from atp_jax.pruning.accounting import visual_tokens_per_layer
 from atp_jax.pruning.compaction import bucket_length, compaction_index, gather_tokens
-from atp_jax.pruning.engine import PrunedLlava, check_counts, decide, token_roles
+from atp_jax.pruning.engine import ModuleInputs, PrunedLlava, check_counts, decide, token_roles
 from atp_jax.pruning.scoring import visual_positions
 
 TRACES = {"segment": 0, "compact": 0}  # programs traced, for tests that count compilations
@@ -66,19 +66,19 @@ def _segment(graphdef, state, frame: Frame, row_seed, counts, start: int, stop: 
     bias = padding_bias(frame.valid)
     out = lm.run_layers(frame.h, frame.positions, bias, start, stop, return_last_qk=m is not None,
                         return_kv=with_cache)
-    h = out if isinstance(out, jax.Array) else out[0]
-    kv = out[-1] if with_cache else None
+    h, kv = out.h, out.kv
     if m is None:
         return dataclasses.replace(frame, h=h), None, kv
-    q, k = out[1]
+    q, k = out.qk
     is_visual = (frame.vis_id >= 0) & frame.valid
     p = min(model.llava.config.num_image_tokens, frame.vis_id.shape[1])
     vis_slot = visual_positions(is_visual, p)  # [B, P']
     slot_valid = jnp.take_along_axis(is_visual, vis_slot, axis=1)
     vis_id = jnp.where(slot_valid, jnp.take_along_axis(frame.vis_id, vis_slot, axis=1), 0)
     seq_keep = frame.valid.astype(jnp.float32)
-    keep, _, _ = decide(model, m, slot_valid.astype(jnp.float32), vis_slot, vis_id, q, k, seq_keep,
-                        frame.text_weight, frame.last_weight, row_seed, soft=False, max_text=max_text, counts=counts)
+    inputs = ModuleInputs(slot_valid.astype(jnp.float32), vis_slot, vis_id, q, k, seq_keep, frame.text_weight,
+                          frame.last_weight, row_seed)
+    keep, _, _ = decide(model, m, inputs, soft=False, max_text=max_text, counts=counts)
     rows = jnp.arange(keep.shape[0])[:, None]
     dropped = slot_valid & (keep < 0.5)
     seq_keep = frame.valid.at[rows, vis_slot].set(jnp.where(dropped, False, jnp.take_along_axis(frame.valid, vis_slot,

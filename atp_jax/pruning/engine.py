@@ -24,7 +24,7 @@ from atp_jax.pruning.accounting import budget_losses, visual_tokens_per_layer
 from atp_jax.pruning.compaction import gather_tokens
 from atp_jax.pruning.config import PruningConfig
 from atp_jax.pruning.masks import hard_keep, keep_top, key_bias, scatter_to_sequence, soft_keep
-from atp_jax.pruning.scoring import attention_received, minmax_normalise, sap_scores, visual_positions
+from atp_jax.pruning.scoring import attention_received, minmax_normalise, redundancy_score, sap_scores, visual_positions
 from atp_jax.pruning.thresholds import ThresholdMLP, resample_sorted
 
 
@@ -111,11 +111,11 @@ def atp_decision(mlp: ThresholdMLP, q_vis, k_vis, q_text, text_weight: Float[Arr
     (keep [B, P], thresholds [B, 2], S_red [B, P])."""
     kept = keep > 0.5
     key_bias_vis = jnp.log(keep + pcfg.log_eps) if soft else jnp.where(kept, 0.0, NEG_INF)
-    s_self = minmax_normalise(attention_received(q_vis, k_vis, key_bias_vis, keep), kept)
-    s_cross = minmax_normalise(attention_received(q_text, k_vis, key_bias_vis, text_weight), kept)
-    has_cross = text_weight.sum(-1) > 0
-    s_red = jax.lax.stop_gradient(jnp.where(has_cross[:, None], (s_self + s_cross) / 2, s_self))
-    profile = [jax.lax.stop_gradient(resample_sorted(s, kept, pcfg.sorted_len)) for s in (s_self, s_cross)]
+    s_self = attention_received(q_vis, k_vis, key_bias_vis, keep)
+    s_cross = attention_received(q_text, k_vis, key_bias_vis, text_weight)
+    s_red = jax.lax.stop_gradient(redundancy_score(s_self, s_cross, kept, text_weight.sum(-1) > 0))
+    profile = [jax.lax.stop_gradient(resample_sorted(minmax_normalise(s, kept), kept, pcfg.sorted_len))
+               for s in (s_self, s_cross)]
     theta_r, theta_s = mlp(*profile)
     if soft:
         new = keep * soft_keep(s_red, sap, theta_r, theta_s, pcfg.temperature)
@@ -162,13 +162,30 @@ def ranked_decision(m: int, keep: Float[Array, "B P"], vis_id: Int[Array, "B P"]
     return keep_top(scores, kept, count).astype(jnp.float32)
 
 
-def decide(model: PrunedLlava, m: int, keep, vis_slot, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed,
-           soft: bool, max_text: int, counts: Int[Array, "B M"] | None = None):
-    """Module `m`'s new keep weights for the visual entries at `vis_slot` (ids `vis_id`) of the current frame,
-    its thresholds and its redundancy scores (ATP; zeros for the other methods). The same code serves the full
-    frame (masked, soft) and compacted ones. `max_text` bounds the text tokens after the image (ATP's cross
-    queries are gathered to that static count)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModuleInputs:
+    """What a pruning module reads from the frame (full or compacted) after its decoder layer."""
+
+    keep: Float[Array, "B P"]  # keep weights of the frame's visual entries so far
+    vis_slot: Int[Array, "B P"]  # sequence slot of each visual entry
+    vis_id: Int[Array, "B P"]  # its index among the image's visual tokens
+    q: Float[Array, "B T N H"]  # the layer's RoPE'd queries and keys
+    k: Float[Array, "B T K H"]
+    seq_keep: Float[Array, "B T"]  # the keys the baselines' query sees
+    text_weight: Float[Array, "B T"]  # ATP's cross-attention queries (the prompt's text after the image)
+    last_weight: Float[Array, "B T"]  # the prompt's last token (FastV's, PyramidDrop's query)
+    row_seed: Int[Array, " B"]  # the random baseline's per-row seed
+
+
+def decide(model: PrunedLlava, m: int, x: ModuleInputs, soft: bool, max_text: int,
+           counts: Int[Array, "B M"] | None = None):
+    """Module `m`'s new keep weights for the frame's visual entries, its thresholds and its redundancy scores
+    (ATP; zeros for the other methods). The same code serves the full frame (masked, soft) and compacted ones.
+    `max_text` bounds the text tokens after the image (ATP's cross queries are gathered to that static count)."""
     pcfg, cfg = model.pcfg, model.llava.config
+    keep, vis_slot, vis_id, q, k = x.keep, x.vis_slot, x.vis_id, x.q, x.k
+    text_weight, last_weight = x.text_weight, x.last_weight
     sap_np = sap_for(cfg, pcfg)
     sap = jnp.asarray(sap_np)[vis_id]  # [B, P']
     theta, score = jnp.zeros((keep.shape[0], 2)), jnp.zeros_like(keep)
@@ -181,8 +198,8 @@ def decide(model: PrunedLlava, m: int, keep, vis_slot, vis_id, q, k, seq_keep, t
         keep = keep * (jax.nn.sigmoid(pcfg.temperature * gap) if soft else (gap > 0))
     else:  # fastv, pdrop, random: hard top-k among the kept tokens, in every mode
         q_last, _ = select_queries(q, last_weight, 1)
-        keep = ranked_decision(m, keep, vis_id, q_last, k, seq_keep, vis_slot, row_seed, cfg.num_image_tokens, pcfg,
-                               None if counts is None else counts[:, m])
+        keep = ranked_decision(m, keep, vis_id, q_last, k, x.seq_keep, vis_slot, x.row_seed, cfg.num_image_tokens,
+                               pcfg, None if counts is None else counts[:, m])
     return keep, theta, score
 
 
@@ -248,17 +265,17 @@ class PrunedLlava(nnx.Module):
                 visible = valid & (scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) > 0.5)
             out = lm.run_layers(h, positions, bias, start, stop, return_last_qk=layer is not None,
                                 return_kv=return_cache)
-            h = out if isinstance(out, jax.Array) else out[0]
+            h = out.h
             if return_cache:
-                cache.append(make_segment(out[-1], visible, valid.sum(1), pcfg.position_mode == "contiguous", start,
+                cache.append(make_segment(out.kv, visible, valid.sum(1), pcfg.position_mode == "contiguous", start,
                                           stop))
             if layer is None:
                 break
-            q, k = out[1]
+            q, k = out.qk
             # The keys the baselines' query (the prompt's last token) sees: the prompt's, as at inference.
             seq_keep = scatter_to_sequence(keep, vis_idx, has_image, t, 1.0) * prompt
-            keep, theta, score = decide(self, m, keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight,
-                                        row_seed, soft, max_text=max(1, t - p), counts=counts)
+            inputs = ModuleInputs(keep, vis_idx, vis_id, q, k, seq_keep, text_weight, last_weight, row_seed)
+            keep, theta, score = decide(self, m, inputs, soft, max_text=max(1, t - p), counts=counts)
             keep = jnp.where(has_image[:, None], keep, 0.0)
             keeps.append(keep)
             thetas.append(theta)
