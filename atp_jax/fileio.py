@@ -80,7 +80,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary sibling of `path` to write to; renamed to `path` when the block succeeds, removed
     when it fails. The file is synced to disk before the rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = staging_path(path)
     try:
         yield tmp
         if tmp.is_file():

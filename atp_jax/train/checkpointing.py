@@ -84,9 +84,9 @@ def save_args(state, iterator) -> ocp.args.Composite:
 
 def save(mgr: ocp.CheckpointManager, step: int, state, iterator, force: bool = False) -> None:
     """Saves `step` when the save interval says so, or always with `force` (the end of a run, SIGTERM) unless
-    it is saved already. Asynchronous: a failure surfaces at a later save or at `wait`. In a one-process run a
-    save that cannot fit on the disk is refused before it starts (StorageError): a save that fails half way
-    leaves its writer threads to report it many times over."""
+    it is saved already. Asynchronous: a failure surfaces at a later save or at `wait_until_finished`. In a
+    one-process run a save that cannot fit on the disk is refused before it starts (StorageError): a save that
+    fails half way leaves its writer threads to report it many times over."""
     if (mgr.latest_step() == step) if force else not mgr.should_save(step):
         return
     if jax.process_count() == 1:  # several processes: each host's share differs; a refusal on one would hang
@@ -98,11 +98,6 @@ def estimated_bytes(tree) -> int:
     """What saving the arrays of `tree` writes, with room for metadata: their bytes plus 5% and 256 KiB."""
     arrays = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
     return int(arrays * 1.05) + 2**18
-
-
-def wait(mgr: ocp.CheckpointManager) -> None:
-    """Blocks until every save has finished; raises the error of one that failed."""
-    mgr.wait_until_finished()
 
 
 def close(mgr: ocp.CheckpointManager, directory: str | Path, is_main: bool) -> None:

@@ -137,7 +137,7 @@ def _train(config, workdir: Path, start_fresh: bool) -> dict:
                 stopped_at = done
                 break
         checkpointing.save(manager, int(state.step), state, iterator, force=True)
-        checkpointing.wait(manager)
+        manager.wait_until_finished()  # raises the error of a save that failed
         if stopped_at is None:
             nnx.update(model, state.params, state.rest)
             export_model(workdir / "model", model, ds.tokenizer_dir)
