@@ -217,6 +217,34 @@ def test_a_full_disk_stops_training_in_one_line_and_keeps_the_last_checkpoint(ca
     assert losses(workdir) == baseline[1]
 
 
+def test_the_space_check_counts_the_save_still_being_written(tmp_path, monkeypatch):
+    """Saves are asynchronous: the check before a save waits for the one before it, whose bytes would otherwise
+    not be on the disk yet and the check would pass a save that cannot fit."""
+    import atp_jax.train.checkpointing as checkpointing
+
+    class Manager:  # orbax's CheckpointManager as `save` uses it; a save stays in flight until waited for
+        directory, writing = tmp_path, False
+
+        def latest_step(self):
+            return None
+
+        def should_save(self, step):
+            return True
+
+        def wait_until_finished(self):
+            self.writing = False
+
+        def save(self, step, args, force=False):
+            self.writing = True
+
+    mgr, seen = Manager(), []
+    monkeypatch.setattr(checkpointing, "check_free_space", lambda *args: seen.append(mgr.writing))
+    monkeypatch.setattr(checkpointing, "save_args", lambda state, iterator: None)
+    for step in (1, 2):
+        checkpointing.save(mgr, step, {"w": jnp.zeros(4)}, iterator=None)
+    assert seen == [False, False]
+
+
 def tiny_model():
     from atp_jax.models.common import DtypePolicy
     from atp_jax.models.llava import LlavaForConditionalGeneration

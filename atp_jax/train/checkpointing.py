@@ -86,10 +86,12 @@ def save(mgr: ocp.CheckpointManager, step: int, state, iterator, force: bool = F
     """Saves `step` when the save interval says so, or always with `force` (the end of a run, SIGTERM) unless
     it is saved already. Asynchronous: a failure surfaces at a later save or at `wait_until_finished`. In a
     one-process run a save that cannot fit on the disk is refused before it starts (StorageError): a save that
-    fails half way leaves its writer threads to report it many times over."""
+    fails half way leaves its writer threads to report it many times over. The check waits for the save before
+    (if still writing) so that the space it takes is counted."""
     if (mgr.latest_step() == step) if force else not mgr.should_save(step):
         return
     if jax.process_count() == 1:  # several processes: each host's share differs; a refusal on one would hang
+        mgr.wait_until_finished()  # the free space counts the save before this one only once it is written
         check_free_space(mgr.directory, estimated_bytes(state), f"saving checkpoint {step} in {mgr.directory}")
     mgr.save(step, args=save_args(state, iterator), force=force)
 
