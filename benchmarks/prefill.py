@@ -1,10 +1,12 @@
-"""Pruned prefill: unpruned vs ATP `compact` (~25% average visual tokens) vs FastV at the same budget.
+"""Pruned prefill: unpruned vs ATP `compact` (~25% average visual tokens) vs random at ATP's per-instance counts
+vs FastV at the same average, at batch 1 and 4 in one run.
 
-  python benchmarks/prefill.py [--runs 7] [--train-runs 11] [--batch 1]
+  python benchmarks/prefill.py [--runs 7] [--train-runs 11] [--batches 1,4]
 
 Per method: the analytic FLOPs ratio, the measured prefill time ratio (interleaved runs, compile excluded)
-and the realised fraction (1 - time_ratio) / (1 - flops_ratio) (target >= 0.85); then the step-time
-overhead of ATP `soft` mode over the plain model in a training step (target <= 10%). Thresholds are
+and the realised fraction (1 - time_ratio) / (1 - flops_ratio) (target >= 0.85); ATP's time over random's at
+the same counts (what ATP's scoring costs; target <= 1.10); then the step-time overhead of ATP `soft` mode
+over the plain model in a training step (target <= 10%). Thresholds are
 untrained: every module's thresholds are set so the measured average is near the budget. The last line
 printed is one JSON object.
 """
@@ -27,9 +29,9 @@ from flax import nnx  # noqa: E402
 
 from atp_jax import LlavaForConditionalGeneration  # noqa: E402
 from atp_jax.pruning.accounting import flops_ratio  # noqa: E402
-from atp_jax.pruning.compact import prefill_compact  # noqa: E402
 from atp_jax.pruning.config import PruningConfig  # noqa: E402
 from atp_jax.pruning.engine import PrunedLlava  # noqa: E402
+from atp_jax.pruning.prefill import prefill_compact  # noqa: E402
 from atp_jax.testing.reference import random_inputs  # noqa: E402
 from benchmarks.common import SEED, TEXT_TOKENS, bench_config, emit, interleaved, print_table  # noqa: E402
 
@@ -45,7 +47,7 @@ def set_unit_thresholds(model: PrunedLlava, unit_r: float, unit_s: float) -> Non
 
 def calibrate_atp(llava, ids, pixels, atp_layers: tuple[int, ...] = ATP_LAYERS) -> PrunedLlava:
     """Bisect the redundancy threshold (SAP threshold at its initial value) for ~25% average visual tokens."""
-    model = PrunedLlava(llava, PruningConfig(mode="masked", atp_layers=atp_layers, target_ratio=BUDGET),
+    model = PrunedLlava(llava, PruningConfig(atp_layers=atp_layers, target_ratio=BUDGET),
                         rngs=nnx.Rngs(SEED))
     p = llava.config.num_image_tokens
     average = nnx.jit(lambda m: m(ids, pixels).visual_per_layer.mean())
@@ -66,14 +68,14 @@ def fastv_at(llava, avg_visual: float) -> PrunedLlava:
         x = (n * avg_visual / p - k) / (n - k)
         if x > 0:
             break
-    pcfg = PruningConfig(method="fastv", mode="masked", fastv_layer=k, fastv_ratio=float(1 - max(x, 1 / p)))
+    pcfg = PruningConfig(method="fastv", fastv_layer=k, fastv_ratio=float(1 - max(x, 1 / p)))
     return PrunedLlava(llava, pcfg, rngs=nnx.Rngs(SEED))
 
 
 def soft_overhead(llava, ids, pixels, runs: int) -> dict:
     """Train-step time (loss, grads, AdamW update) of ATP soft mode over the plain model."""
     labels = jnp.asarray(ids)[:, 1:]
-    pruned = PrunedLlava(llava, PruningConfig(mode="soft", atp_layers=ATP_LAYERS), rngs=nnx.Rngs(SEED))
+    pruned = PrunedLlava(llava, PruningConfig(atp_layers=ATP_LAYERS), rngs=nnx.Rngs(SEED))
 
     def lm_loss(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], labels).mean()
@@ -82,7 +84,7 @@ def soft_overhead(llava, ids, pixels, runs: int) -> dict:
         return lm_loss(m(ids, pixels).logits)
 
     def soft_loss(m):
-        out = m(ids, pixels)
+        out = m(ids, pixels, mode="soft")
         parts = m.losses(out)
         return lm_loss(out.logits) + parts["atp"] + parts["target"]
 
@@ -102,33 +104,33 @@ def soft_overhead(llava, ids, pixels, runs: int) -> dict:
     return {"plain_step_s": t["plain"], "soft_step_s": t["soft"], "soft_overhead": t["soft"] / t["plain"] - 1}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--train-runs", type=int, default=11,
-                        help="train steps timed per model (this VM's step times vary by +-15%%: medians need many)")
-    parser.add_argument("--batch", type=int, default=1)
-    args = parser.parse_args()
-    cfg = bench_config()
-    print(f"cpu_count={os.cpu_count()} backend={jax.default_backend()}; prompt: 576 visual + {TEXT_TOKENS} text tokens,"
-          f" batch {args.batch}; ATP modules after layers {ATP_LAYERS}")
-    llava = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(SEED))
-    ids, pixels = (jnp.asarray(x) for x in random_inputs(cfg, args.batch, TEXT_TOKENS, seed=SEED))
+def prefill_figures(llava, batch: int, runs: int) -> dict:
+    """Compact prefills at one batch size: unpruned, ATP, random at ATP's per-instance counts (the same tokens
+    removed, no scoring), FastV at ATP's average; each method's FLOPs ratio, time and realised fraction."""
+    cfg = llava.config
+    ids, pixels = (jnp.asarray(x) for x in random_inputs(cfg, batch, TEXT_TOKENS, seed=SEED))
     atp = calibrate_atp(llava, ids, pixels)
-    atp_avg = float(np.asarray(atp(ids, pixels).visual_per_layer).mean())
-    methods = {"unpruned": PrunedLlava(llava, PruningConfig(method="none", mode="masked"), rngs=nnx.Rngs(SEED)),
-               "atp": atp, "fastv": fastv_at(llava, atp_avg)}
-    runs, rows, figures = {}, [], {}
-    for name, model in methods.items():
+    atp_out = atp(ids, pixels)
+    atp_avg = float(np.asarray(atp_out.visual_per_layer).mean())
+    methods = {"unpruned": (PrunedLlava(llava, PruningConfig(method="none"), rngs=nnx.Rngs(SEED)), None),
+               "atp": (atp, None),
+               "random": (PrunedLlava(llava, PruningConfig(method="random", atp_layers=ATP_LAYERS,
+                                                           random_schedule=(1.0,) * len(ATP_LAYERS)),
+                                      rngs=nnx.Rngs(SEED)), atp_out.counts),
+               "fastv": (fastv_at(llava, atp_avg), None)}
+    prefills, figures, rows = {}, {}, []
+    for name, (model, counts) in methods.items():
         start = time.perf_counter()
-        out = prefill_compact(model, ids, pixels, last_logits_only=True)
+        out = prefill_compact(model, ids, pixels, last_logits_only=True, counts=counts)
         jax.block_until_ready(out.logits)
-        figures[name] = {"first_call_s": time.perf_counter() - start, "lengths": out.lengths,
+        first_call_s = time.perf_counter() - start
+        out = prefill_compact(model, ids, pixels, last_logits_only=True, counts=counts)  # ATP: planned capacities
+        figures[name] = {"first_call_s": first_call_s, "lengths": out.lengths,
                          "avg_visual_tokens": float(np.asarray(out.visual_per_layer).mean()),
                          "flops_ratio": flops_ratio(cfg, np.asarray(out.visual_per_layer).mean(0), TEXT_TOKENS)}
-        runs[name] = (lambda model=model: jax.block_until_ready(
-            prefill_compact(model, ids, pixels, last_logits_only=True).logits))
-    times = interleaved(runs, args.runs)
+        prefills[name] = (lambda model=model, counts=counts: jax.block_until_ready(
+            prefill_compact(model, ids, pixels, last_logits_only=True, counts=counts).logits))
+    times = interleaved(prefills, runs)
     for name, f in figures.items():
         f["time_s"] = times[name]
         f["time_ratio"] = times[name] / times["unpruned"]
@@ -136,16 +138,36 @@ def main() -> None:
         rows.append([name, f"{f['avg_visual_tokens']:.1f}", f"{f['flops_ratio']:.3f}", f"{f['time_s'] * 1e3:.1f}",
                      f"{f['time_ratio']:.3f}", "-" if f["realised_fraction"] is None else
                      f"{f['realised_fraction']:.2f}", " ".join(map(str, f["lengths"]))])
-    print_table(f"compact prefill, median of {args.runs} (target realised fraction >= 0.85)",
-                ["method", "avg visual", "FLOPs ratio", "ms", "time ratio", "realised", "segment lengths"], rows)
+    print_table(f"compact prefill, batch {batch}, median of {runs} (target: ATP's realised fraction >= 0.85, "
+                f"ATP within 10% of random at its counts)",
+                ["method", "avg visual", "FLOPs ratio", "ms", "time ratio", "realised", "lengths"], rows)
+    atp_over_random = times["atp"] / times["random"]
+    print(f"ATP / random at ATP's counts: {atp_over_random:.3f} (the scoring side path's share)")
+    return {"methods": figures, "realised_fraction": figures["atp"]["realised_fraction"],
+            "atp_over_random": atp_over_random}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--train-runs", type=int, default=11,
+                        help="train steps timed per model (this VM's step times vary by +-15%%: medians need many)")
+    parser.add_argument("--batches", default="1,4", help="batch sizes, comma-separated, measured in this one run")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    cfg = bench_config()
+    print(f"cpu_count={os.cpu_count()} backend={jax.default_backend()}; prompt: 576 visual + {TEXT_TOKENS} text tokens,"
+          f" batches {batches}; ATP modules after layers {ATP_LAYERS}")
+    llava = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(SEED))
+    per_batch = {f"batch_{b}": prefill_figures(llava, b, args.runs) for b in batches}
+    ids, pixels = (jnp.asarray(x) for x in random_inputs(cfg, batches[0], TEXT_TOKENS, seed=SEED))
     overhead = soft_overhead(llava, ids, pixels, args.train_runs)
-    print(f"\ntrain step: plain {overhead['plain_step_s'] * 1e3:.0f} ms, "
+    print(f"\ntrain step (batch {batches[0]}): plain {overhead['plain_step_s'] * 1e3:.0f} ms, "
           f"ATP soft {overhead['soft_step_s'] * 1e3:.0f} ms -> overhead {overhead['soft_overhead'] * 100:.1f}% "
           f"(target <= 10%; median of {args.train_runs} interleaved steps)")
-    emit({"flops_ratio": figures["atp"]["flops_ratio"], "time_ratio": figures["atp"]["time_ratio"],
-          "realised_fraction": figures["atp"]["realised_fraction"],
-          "avg_visual_tokens": figures["atp"]["avg_visual_tokens"],
-          "soft_overhead": overhead["soft_overhead"], "methods": figures, "train_step": overhead})
+    emit({"realised_fraction": {k: v["realised_fraction"] for k, v in per_batch.items()},
+          "atp_over_random": {k: v["atp_over_random"] for k, v in per_batch.items()},
+          "soft_overhead": overhead["soft_overhead"], **per_batch, "train_step": overhead})
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def main() -> None:
     steps = {}
     for name, method in (("plain", "none"), ("atp_soft", "atp")):  # own weights each: the step donates them
         llava = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(SEED))
-        pcfg = PruningConfig(method=method, mode="soft", atp_layers=(1, 3, 5))
+        pcfg = PruningConfig(method=method, atp_layers=(1, 3, 5))
         steps[name] = make_step(PrunedLlava(llava, pcfg, rngs=nnx.Rngs(SEED)), batch)
     compile_s = {}
     for name, run in steps.items():

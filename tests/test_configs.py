@@ -20,7 +20,7 @@ def test_config_loads_and_builds_its_optimizer(name):
     assert ocfg.total_steps == -(-config.total_steps // config.optim.accumulation_steps) > 0
     assert config.batch_size * config.optim.accumulation_steps == (256 if "pretrain" in name else
                                                                    128 if name.startswith("llava15") else 16)
-    PruningConfig(mode="soft", **{k: tuple(v) if isinstance(v, list | tuple) else v
+    PruningConfig(**{k: tuple(v) if isinstance(v, list | tuple) else v
                                   for k, v in config.pruning.to_dict().items()})
     if name.startswith("llava15"):
         assert config.mesh.fsdp == -1 and config.model.remat and r"vision_tower/" in ocfg.frozen
@@ -47,7 +47,7 @@ def test_every_stage_of_the_main_job_is_a_valid_run(tmp_path):
     got = dict(stage_configs(config, tmp_path))
     for name, c in got.items():
         groups = {g[0] for g in optim_config(c).groups}
-        PruningConfig(mode="soft", **{k: tuple(v) if isinstance(v, list | tuple) else v
+        PruningConfig(**{k: tuple(v) if isinstance(v, list | tuple) else v
                                       for k, v in c.pruning.to_dict().items()})
         assert ("atp" in groups) == (name == "atp") == (c.pruning.method == "atp"), name
     assert "vision" not in {g[0] for g in optim_config(got["atp"]).groups}  # frozen in the ATP stage, as the paper

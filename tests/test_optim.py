@@ -32,7 +32,7 @@ ATP_LR, LLM_LR = 1e-4, 2e-5
 @pytest.fixture(scope="module")
 def model() -> PrunedLlava:
     llava = LlavaForConditionalGeneration(LlavaConfig.tiny(), rngs=nnx.Rngs(0))
-    return PrunedLlava(llava, PruningConfig(mode="soft", atp_layers=(0, 1, 2)), rngs=nnx.Rngs(1))
+    return PrunedLlava(llava, PruningConfig(atp_layers=(0, 1, 2)), rngs=nnx.Rngs(1))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The pruning engine inside LLaVA: soft and masked modes, their invariants, and edge cases."""
 
 import dataclasses
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +40,16 @@ def batch(n=4, seed=0, text_len=8):
 
 @pytest.mark.parametrize("mode,temperature", [("masked", 10.0), ("soft", 1e4)])
 def test_thresholds_that_keep_everything_equal_the_unpruned_model(llava, mode, temperature):
-    model = pruned(llava, mode=mode, temperature=temperature)
+    model = pruned(llava, temperature=temperature)
     set_thresholds(model, 1e-6, 1e-6)
     ids, pixels = batch()
-    out = model(ids, pixels)
+    out = model(ids, pixels, mode=mode)
     np.testing.assert_array_equal(out.counts, CFG.num_image_tokens)
     np.testing.assert_allclose(out.logits, forward(llava, ids, pixels).logits, atol=1e-5, rtol=0)
 
 
 def test_thresholds_that_keep_nothing_drop_every_visual_token_without_nans(llava):
-    model = pruned(llava, mode="masked")
+    model = pruned(llava)
     set_thresholds(model, 1 - 1e-6, 1 - 1e-6)
     ids, pixels = batch()
     out = model(ids, pixels)
@@ -60,7 +59,7 @@ def test_thresholds_that_keep_nothing_drop_every_visual_token_without_nans(llava
 
 
 def test_masked_batch_equals_singles(llava):
-    model = pruned(llava, mode="masked")
+    model = pruned(llava)
     ids, pixels = batch(4, seed=3)
     out = model(ids, pixels)
     assert len({tuple(c) for c in np.asarray(out.counts).tolist()}) > 1  # rows keep different numbers
@@ -71,7 +70,7 @@ def test_masked_batch_equals_singles(llava):
 
 
 def test_padded_batch_equals_singles(llava):
-    model = pruned(llava, mode="masked")
+    model = pruned(llava)
     a, pa = batch(1, seed=4, text_len=8)
     b, pb = batch(1, seed=5, text_len=5)
     length = a.shape[1]
@@ -86,11 +85,11 @@ def test_padded_batch_equals_singles(llava):
 
 
 def test_soft_mode_gradients_reach_every_threshold_parameter(llava):
-    model = pruned(llava, mode="soft")
+    model = pruned(llava)
     ids, pixels = batch(2)
 
     def loss(m):
-        out = m(ids, pixels)
+        out = m(ids, pixels, mode="soft")
         parts = m.losses(out)
         return out.logits[:, -1].std() + parts["atp"] + parts["target"]
 
@@ -104,14 +103,14 @@ def test_soft_mode_gradients_reach_every_threshold_parameter(llava):
 
 def test_soft_with_large_temperature_approaches_masked(llava):
     ids, pixels = batch(4, seed=6)
-    hard = pruned(llava, mode="masked")(ids, pixels)
-    soft = pruned(llava, mode="soft", temperature=1e5)(ids, pixels)
+    hard = pruned(llava)(ids, pixels)
+    soft = pruned(llava, temperature=1e5)(ids, pixels, mode="soft")
     np.testing.assert_allclose(soft.keep, hard.keep, atol=1e-6, rtol=0)
     np.testing.assert_allclose(soft.logits, hard.logits, atol=1e-4, rtol=0)
 
 
 def test_inputs_without_image_or_without_text_after_it(llava):
-    model = pruned(llava, mode="masked")
+    model = pruned(llava)
     ids, pixels = batch(2)
     text_only = jnp.asarray([[1, 5, 6, 7, 8]])
     out = model(text_only)
@@ -120,12 +119,13 @@ def test_inputs_without_image_or_without_text_after_it(llava):
     image_last = ids[:, : 1 + CFG.num_image_tokens]  # BOS, then the image, nothing after
     out = model(image_last, pixels)
     assert np.isfinite(np.asarray(out.logits)).all() and (np.asarray(out.counts) > 0).all()
-    soft = pruned(llava, mode="soft")
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(soft.losses(soft(image_last, pixels))))
+    soft = pruned(llava)
+    assert all(np.isfinite(np.asarray(x)).all()
+               for x in jax.tree.leaves(soft.losses(soft(image_last, pixels, mode="soft"))))
 
 
 def test_accounting_and_losses(llava):
-    model = pruned(llava, mode="masked")
+    model = pruned(llava)
     out = model(*batch(3))
     counts = np.asarray(out.counts)
     per_layer = np.asarray(out.visual_per_layer)
@@ -137,8 +137,8 @@ def test_accounting_and_losses(llava):
 
 
 def test_contiguous_positions(llava):
-    original = pruned(llava, mode="masked")
-    contiguous = pruned(llava, mode="masked", position_mode="contiguous")
+    original = pruned(llava)
+    contiguous = pruned(llava, position_mode="contiguous")
     ids, pixels = batch(2)
     a, b = original(ids, pixels), contiguous(ids, pixels)
     np.testing.assert_array_equal(a.keep[:, 0], b.keep[:, 0])  # the first decision precedes any renumbering
@@ -146,7 +146,7 @@ def test_contiguous_positions(llava):
 
 
 def test_spatial_baseline_keeps_the_sap_skeleton(llava):
-    model = pruned(llava, method="spatial", mode="masked", target_ratio=0.25)
+    model = pruned(llava, method="spatial", target_ratio=0.25)
     out = model(*batch(2))
     keep = np.asarray(out.keep[0, 0]).reshape(4, 4)
     assert keep.sum() == 4 and keep[2, 2] == 1  # the stride-2 and stride-4 grids: (0,0), (0,2), (2,0), (2,2)
@@ -220,9 +220,9 @@ def test_random_follows_its_schedule_and_is_batch_invariant(llava):
 
 
 def test_random_at_another_methods_per_instance_counts(llava):
-    from atp_jax.pruning.compact import prefill_compact
+    from atp_jax.pruning.prefill import prefill_compact
 
-    atp = pruned(llava, mode="masked")
+    atp = pruned(llava)
     set_thresholds(atp, 0.5, 0.6)
     ids, pixels = batch(4, seed=5)
     atp_counts = atp(ids, pixels).counts
@@ -239,12 +239,15 @@ def test_random_at_another_methods_per_instance_counts(llava):
 
 @pytest.mark.parametrize("method", ["atp", "fastv", "pdrop", "random", "spatial"])
 def test_compact_picks_the_same_tokens_and_logits_as_masked(llava, method):
-    from atp_jax.pruning.compact import prefill_compact
+    from atp_jax.pruning.prefill import prefill_compact
 
     extra = {"pdrop_layers": (1, 2, 3)} if method == "pdrop" else {}
-    model = pruned(llava, mode="masked", method=method, **extra)
+    model = pruned(llava, method=method, **extra)
     ids, pixels = batch(4, seed=3)
     masked, compact = model(ids, pixels), prefill_compact(model, ids, pixels)
+    if method == "atp":  # the first prefill of a length runs at full capacity; the next one at planned ones
+        np.testing.assert_array_equal(compact.keep, masked.keep)
+        compact = prefill_compact(model, ids, pixels)
     np.testing.assert_array_equal(compact.keep, masked.keep)
     np.testing.assert_array_equal(compact.visual_per_layer, masked.visual_per_layer)
     source, valid = np.asarray(compact.source), np.asarray(compact.valid)
@@ -256,9 +259,9 @@ def test_compact_picks_the_same_tokens_and_logits_as_masked(llava, method):
 
 
 def test_compact_keeps_original_positions_and_row_order(llava):
-    from atp_jax.pruning.compact import prefill_compact
+    from atp_jax.pruning.prefill import prefill_compact
 
-    model = pruned(llava, mode="masked")
+    model = pruned(llava)
     ids, pixels = batch(2, seed=11)
     out = prefill_compact(model, ids, pixels)
     source, valid = np.asarray(out.source), np.asarray(out.valid)
@@ -269,28 +272,62 @@ def test_compact_keeps_original_positions_and_row_order(llava):
         assert len(kept) == 1 + n_visual + 7  # BOS, the surviving visual tokens, the text
 
 
-def test_compact_compiles_at_most_one_program_per_segment_and_bucket(llava):
-    from atp_jax.pruning import compact
+def count_compiles():
+    """A list that grows by one entry per program XLA compiles while the listener is registered."""
+    compiled = []
 
-    model = pruned(llava, mode="masked")
-    before, used = dict(compact.TRACES), set()
-    for seed, unit_r in itertools.product(range(2), (0.2, 0.5, 0.8)):  # varied kept counts, so varied buckets
-        set_thresholds(model, unit_r, 0.7)
-        out = compact.prefill_compact(model, *batch(2, seed=20 + seed))
-        used |= {(m, length, out.lengths[m - 1] if m else None) for m, length in enumerate(out.lengths)}
-    assert len({length for _, length, _ in used}) > 2  # several buckets were really exercised
-    assert compact.TRACES["segment"] - before["segment"] <= len({(m, length) for m, length, _ in used})
-    assert compact.TRACES["compact"] - before["compact"] <= len({(prev, length) for m, length, prev in used if m})
-    warm = dict(compact.TRACES)
-    for seed in range(2, 4):  # same thresholds and shapes, other inputs: nothing new to compile
-        compact.prefill_compact(model, *batch(2, seed=20 + seed))
-    assert compact.TRACES == warm
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return compiled, listener
+
+
+def test_compact_prefill_is_one_program_with_no_host_transfer_and_compiles_nothing_in_a_steady_state(llava):
+    from atp_jax.pruning.prefill import plan_capacities, prefill_compact, prefill_program
+
+    model = pruned(llava)
+    set_thresholds(model, 0.5, 0.7)
+    batches = [batch(2, seed=20 + seed) for seed in range(4)]  # varied kept counts
+    first = [prefill_compact(model, *b) for b in batches]  # plans ATP's capacities from what it keeps
+    assert first[0].lengths == (24,) * 4  # the first prefill of a length runs at full capacity
+    capacities = plan_capacities(model, 24)
+    assert capacities[-1] < 24  # then tokens are really removed
+    compiled, listener = count_compiles()
+    try:
+        again = [prefill_compact(model, *b) for b in batches[::-1]]  # a steady state: nothing new compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == []
+    assert all(out.lengths == (24, *capacities) for out in again)
+    for out, before in zip(again[::-1], first, strict=True):
+        np.testing.assert_array_equal(out.keep, before.keep)
+    graphdef, state = nnx.split(model)
+    with jax.transfer_guard("disallow"):  # the whole prefill runs on the device: no transfer to or from the host
+        out = prefill_program(graphdef, state, *batches[0], None, None, mode="compact", capacities=capacities,
+                              last_logits_only=True)
+        jax.block_until_ready(out)
+
+
+def test_an_overflowing_compact_prefill_is_rerun_exactly(llava):
+    from atp_jax.pruning.prefill import prefill_compact
+
+    model = pruned(llava)
+    set_thresholds(model, 0.2, 0.7)  # keeps many visual tokens
+    ids, pixels = batch(2, seed=21)
+    masked = model(ids, pixels)
+    too_small = (12, 10, 9)  # 8 text tokens and at most 4, 2, 1 visual ones: fewer than ATP keeps here
+    assert (np.asarray(masked.counts) + 8 > np.asarray(too_small)).any()
+    out = prefill_compact(model, ids, pixels, capacities=too_small)
+    assert out.lengths == (24,) * 4  # run again with room for every token
+    np.testing.assert_array_equal(out.keep, masked.keep)
 
 
 def test_compact_batch_equals_singles(llava):
-    from atp_jax.pruning.compact import prefill_compact
+    from atp_jax.pruning.prefill import prefill_compact
 
-    model = pruned(llava, mode="masked")
+    model = pruned(llava)
     ids, pixels = batch(3, seed=5)
     out = prefill_compact(model, ids, pixels)
     for b in range(3):
@@ -302,19 +339,20 @@ def test_compact_batch_equals_singles(llava):
 
 
 def test_compact_edge_cases_without_nans(llava):
-    from atp_jax.pruning.compact import prefill_compact
+    from atp_jax.pruning.prefill import prefill_compact
 
-    nothing = pruned(llava, mode="masked")
+    nothing = pruned(llava)
     set_thresholds(nothing, 1 - 1e-6, 1 - 1e-6)  # every visual token dropped at the first module
     ids, pixels = batch(2)
+    prefill_compact(nothing, ids, pixels)  # plans the capacities
     out = prefill_compact(nothing, ids, pixels)
     np.testing.assert_array_equal(out.counts, 0)
     assert np.isfinite(np.asarray(out.logits)).all() and out.lengths[-1] < ids.shape[1]
     text_only = jnp.asarray([[1, 5, 6, 7, 8]])
-    plain = prefill_compact(pruned(llava, mode="masked"), text_only, None)
+    plain = prefill_compact(pruned(llava), text_only, None)
     np.testing.assert_allclose(plain.logits, forward(llava, text_only).logits, atol=1e-5)
     image_last = ids[:, : 1 + CFG.num_image_tokens]
-    assert np.isfinite(np.asarray(prefill_compact(pruned(llava, mode="masked"), image_last, pixels).logits)).all()
+    assert np.isfinite(np.asarray(prefill_compact(pruned(llava), image_last, pixels).logits)).all()
 
 
 # ---- the side paths read the prompt only --------------------------------------------------------------------
@@ -322,7 +360,7 @@ def test_compact_edge_cases_without_nans(llava):
 
 def with_answer(ids, answer):
     """Prompt rows with `answer` tokens appended, their labels (only the answer supervised) and prompt mask."""
-    from atp_jax.pruning.engine import prompt_mask
+    from atp_jax.pruning.decisions import prompt_mask
 
     full = jnp.concatenate([ids, jnp.asarray(answer, jnp.int32)], axis=1)
     labels = jnp.where(jnp.arange(full.shape[1]) >= ids.shape[1], full, -100)
@@ -334,16 +372,16 @@ def with_answer(ids, answer):
 def test_answer_tokens_choose_no_mask(llava, method, mode):
     """In training the masks hide visual keys from the positions that predict the answer: no answer token may
     take part in choosing them (soft weights, hard decisions, counts and thresholds all unchanged)."""
-    model = pruned(llava, method=method, mode=mode, pdrop_layers=(1, 2, 3))
+    model = pruned(llava, method=method, pdrop_layers=(1, 2, 3))
     ids, pixels = batch(3, seed=12)
     rng = np.random.default_rng(0)
     one, labels, prompt = with_answer(ids, rng.integers(3, 60, (3, 6)))
     other, _, _ = with_answer(ids, rng.integers(60, 120, (3, 6)))
-    a, b = model(one, pixels, prompt=prompt), model(other, pixels, prompt=prompt)
+    a, b = model(one, pixels, prompt=prompt, mode=mode), model(other, pixels, prompt=prompt, mode=mode)
     for field in ("keep", "counts", "thresholds", "scores"):
         np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-6, rtol=0, err_msg=field)
     if method == "atp":  # the check can fail: reading the answer as queries moves the scores
-        leaky = model(other, pixels)
+        leaky = model(other, pixels, mode=mode)
         assert not np.allclose(leaky.scores, b.scores, atol=1e-3)
 
 
@@ -351,9 +389,9 @@ def test_answer_tokens_choose_no_mask(llava, method, mode):
 def test_training_scores_what_inference_scores(llava, method):
     """One prompt: masked mode with an answer appended (training's view) and the inference paths on the prompt
     alone (masked and compact) give the same scores, thresholds and kept sets at every module."""
-    from atp_jax.pruning.compact import prefill_compact
+    from atp_jax.pruning.prefill import prefill_compact
 
-    model = pruned(llava, method=method, mode="masked")
+    model = pruned(llava, method=method)
     ids, pixels = batch(2, seed=13)
     full, _, prompt = with_answer(ids, np.random.default_rng(1).integers(3, 120, (2, 5)))
     train = model(full, pixels, prompt=prompt)
@@ -367,7 +405,7 @@ def test_training_scores_what_inference_scores(llava, method):
 
 
 def test_prompt_mask_and_token_roles():
-    from atp_jax.pruning.engine import prompt_mask, token_roles
+    from atp_jax.pruning.decisions import prompt_mask, token_roles
 
     labels = jnp.array([[-100, -100, -100, 7, 8, -100, -100, 9], [-100] * 8])
     prompt = prompt_mask(labels)

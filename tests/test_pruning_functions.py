@@ -15,7 +15,7 @@ from atp_jax.pruning.accounting import (
     prefill_flops,
     visual_tokens_per_layer,
 )
-from atp_jax.pruning.compaction import bucket_length, compaction_index, gather_tokens
+from atp_jax.pruning.compaction import bucket_length, bucketed_capacities, compaction_index, gather_tokens
 from atp_jax.pruning.config import PruningConfig
 from atp_jax.pruning.masks import hard_keep, key_bias, scatter_to_sequence, soft_keep
 from atp_jax.pruning.scoring import attention_received, minmax_normalise, redundancy_score, sap_scores, visual_positions
@@ -104,6 +104,9 @@ def test_compaction():
     assert bucket_length(0, 640, (0.25, 1.0)) == 160
     with pytest.raises(ValueError):
         bucket_length(700, 640, (0.5, 1.0))
+    # capacities never grow from one run to the next, and never exceed the prompt
+    assert bucketed_capacities([170, 400, 90], 640, (0.25, 0.5, 1.0)) == (320, 320, 160)
+    assert bucketed_capacities([900], 640, (0.25, 0.5, 1.0)) == (640,)
     keep = jnp.array([[1, 0, 1, 1], [0, 1, 0, 0]], bool)
     index, valid = compaction_index(keep, 3)
     np.testing.assert_array_equal(index, [[0, 2, 3], [1, 0, 2]])

@@ -30,7 +30,7 @@ from atp_jax.testing.reference import random_inputs
 
 # Every sharded size even: vocab 160, widths 64/32, mlp 128/64, kv 2 x 16.
 CFG = LlavaConfig.tiny()
-PCFG = PruningConfig(mode="soft", atp_layers=(0, 1, 2))
+PCFG = PruningConfig(atp_layers=(0, 1, 2))
 
 
 def make_model() -> LlavaForConditionalGeneration:

@@ -179,7 +179,7 @@ def test_the_trained_model_is_exported_for_inference_and_the_next_stage(cache, t
 
     train(small_config(cache, total_steps=2), tmp_path / "stage")
     model, cfg = load_pretrained(tmp_path / "stage" / "model")
-    pruned, trained = load_pruned(tmp_path / "stage" / "model", model, mode="masked")
+    pruned, trained = load_pruned(tmp_path / "stage" / "model", model)
     assert trained and pruned.module_layers == (0,)
     assert (tmp_path / "stage" / "model" / "tokenizer.model").is_file()
     ids, pixels = (jnp.asarray(x) for x in random_inputs(cfg, 1, 6))
@@ -208,7 +208,7 @@ def test_frozen_parameters_get_no_backward_pass():
 
     cfg = LlavaConfig.tiny()
     model = PrunedLlava(LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)),
-                        PruningConfig(mode="soft", atp_layers=(0, 1, 2)), rngs=nnx.Rngs(1))
+                        PruningConfig(atp_layers=(0, 1, 2)), rngs=nnx.Rngs(1))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ocfg = OptimConfig(total_steps=10, groups=(("all", 1e-3, (r".*",)),), frozen=(r"vision_tower/",))
     tx = make_optimizer(ocfg, params)

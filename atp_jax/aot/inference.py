@@ -3,15 +3,15 @@ runs, for one batch and prompt length, with nothing allocated.
 
 - `masked`: one prefill program (every slot cached, pruned keys hidden; with `method="none"` the plain
   prefill), then the decode program over that cache.
-- `compact`: the embedding program (vision tower, projector, token bookkeeping), one program per run of
-  decoder layers at its bucket length, the compaction between runs, the LM head on the last token, then the
-  decode program over a cache whose segments hold only the tokens each run kept.
+- `compact`: one prefill program (vision tower, every run of layers at its capacity, the modules and the
+  compactions between runs, the LM head on the last token), then the decode program over a cache whose
+  segments hold only the tokens each run kept.
 
 How many visual tokens ATP keeps is decided per instance at run time; a compile needs one answer, so the
-caller names the kept fraction after each module (`keep`); the bucket lengths follow from it as they do in
-`prefill_compact`. `possible_programs` counts what a server may compile over every budget ATP can choose at
-this batch and prompt length (each bucket a run can land in, each combination of cache lengths the decode
-sees).
+caller names the kept fraction after each module (`keep`); the capacities follow from it as
+`prefill.plan_capacities` plans them. `possible_programs` counts what a server may compile over every budget
+ATP can choose at this batch and prompt length (one prefill and one decode program per combination of
+capacities).
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from jax.sharding import NamedSharding
 from atp_jax.aot.analysis import ProgramCost, compile_cost
 from atp_jax.aot.chips import chip_count, topology_devices
 from atp_jax.aot.training import on_tpu
-from atp_jax.infer.generate import DecodeState, Sampling, _decode, _masked_prefill
+from atp_jax.infer.generate import DecodeState, Sampling, _decode
 from atp_jax.models.common import DtypePolicy
 from atp_jax.models.config import LlavaConfig
 from atp_jax.models.kv_cache import Segment
 from atp_jax.models.llava import LlavaForConditionalGeneration
-from atp_jax.pruning.compact import _compact, _head, _initial_frame, _segment
-from atp_jax.pruning.compaction import bucket_length
+from atp_jax.pruning.compaction import bucket_length, bucketed_capacities
 from atp_jax.pruning.config import fit_to_depth
 from atp_jax.pruning.engine import PrunedLlava
+from atp_jax.pruning.prefill import prefill_program
 from atp_jax.sharding import DEFAULT_RULES, batch_sharding, logical_to_spec, make_mesh, param_shardings, use_mesh
 
 
@@ -70,7 +70,7 @@ def serving_model(cfg: LlavaConfig, method: str, dtype: str = "bfloat16", prunin
     """The model `launch/infer.py` serves, as shapes only: weights in `dtype`, pruning by `method` with the
     `pruning` fields (a run config's pruning section; the rest placed for the depth, as the trainer saves it)."""
     dt = jnp.dtype(dtype)
-    pcfg = fit_to_depth(dict(pruning or {}) | {"method": method, "mode": "masked"}, cfg.text.num_hidden_layers)
+    pcfg = fit_to_depth(dict(pruning or {}) | {"method": method}, cfg.text.num_hidden_layers)
     return nnx.eval_shape(lambda: PrunedLlava(LlavaForConditionalGeneration(cfg, policy=DtypePolicy(dt, dt),
                                                                             rngs=nnx.Rngs(0)), pcfg, nnx.Rngs(1)))
 
@@ -91,8 +91,15 @@ def segment_buckets(prompt_len: int, num_visual: int, fractions) -> list[int]:
     return sorted({bucket_length(text + n, prompt_len, fractions) for n in range(num_visual + 1)})
 
 
+def capacities_for(keep: tuple[float, ...], prompt_len: int, num_visual: int, fractions) -> tuple[int, ...]:
+    """The compact prefill's capacities when `keep` of the visual tokens stay after each module: the text plus
+    those tokens, in buckets, never more than the run before (as `prefill.plan_capacities` plans them)."""
+    return bucketed_capacities([prompt_len - num_visual + round(k * num_visual) for k in keep], prompt_len, fractions)
+
+
 def decode_shapes(buckets: list[int], runs: int) -> int:
-    """Combinations of cache lengths over `runs` pruned runs: each run's bucket at most the one before it."""
+    """Combinations of capacities over `runs` pruned runs (each run's bucket at most the one before it): the
+    compact prefill programs, and the decode programs over their caches, a server may compile."""
     ways = [1] * len(buckets)  # ways ending at each bucket, one run so far
     for _ in range(runs - 1):
         ways = [sum(ways[j] for j in range(i, len(buckets))) for i in range(len(buckets))]
@@ -134,7 +141,7 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
     mask = _abstract((batch, prompt_len), jnp.bool_, rows)
     size = cfg.vision.image_size
     pixels = _abstract((batch, 3, size, size), jnp.float32, rows)
-    p, n_layers = cfg.num_image_tokens, cfg.text.num_hidden_layers
+    p = cfg.num_image_tokens
     programs: list[ProgramCost] = []
 
     def run(name, fn, *args, **static):
@@ -144,30 +151,12 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
 
     with use_mesh(mesh, DEFAULT_RULES):
         if mode == "masked":
-            _, cache, _, _ = run("prefill (masked)" if modules else "prefill", _masked_prefill, graphdef, state,
-                                 ids, pixels, mask, None)
-            lengths = [prompt_len] * len(cache)
+            capacities, name = (), "prefill (masked)" if modules else "prefill"
         else:
-            frame, row_seed, _ = run("embed", _initial_frame, graphdef, state, ids, pixels, mask)
-            start, lengths, cache = 0, [prompt_len], []
-            for m, layer in enumerate(modules + (None,)):
-                stop = n_layers if layer is None else layer + 1
-                seen = frame.valid
-                frame, decision, kv = run(f"layers {start}-{stop - 1} at {frame.h.shape[1]}", _segment, graphdef,
-                                          state, frame, row_seed, None, start=start, stop=stop,
-                                          m=None if layer is None else m, max_text=max(1, prompt_len - p),
-                                          with_cache=True)
-                cache.append(Segment(k=kv[0], v=kv[1], visible=seen, next_position=_abstract((batch,), jnp.int32,
-                                                                                               rows),
-                                     start=start, stop=stop, prompt_len=seen.shape[1]))
-                if decision is None:
-                    break
-                length = bucket_length(prompt_len - p + round(keep[m] * p), prompt_len, pcfg.bucket_fractions)
-                frame = run(f"compact to {length}", _compact, frame, decision[0], length=length,
-                            contiguous=pcfg.position_mode == "contiguous")
-                lengths.append(length)
-                start = stop
-            run("head (last token)", _head, graphdef, state, frame, last_only=True)
+            capacities, name = capacities_for(keep, prompt_len, p, pcfg.bucket_fractions), "prefill (compact)"
+        out = run(name, prefill_program, graphdef, state, ids, pixels, mask, None, mode=mode,
+                  capacities=capacities, last_logits_only=True, return_cache=True)
+        cache, lengths = out.cache, [seg.prompt_len for seg in out.cache]
         cache = tuple(_with_room(seg, new_tokens, mesh) for seg in cache)
         ds = DecodeState(cache=cache, tokens=_abstract((batch, new_tokens + 1), jnp.int32, rows),
                          step=_abstract((), jnp.int32, NamedSharding(mesh, jax.sharding.PartitionSpec())),
@@ -181,9 +170,8 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
     per_chip = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in kv)
     params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     if mode == "compact":
-        buckets = segment_buckets(prompt_len, p, pcfg.bucket_fractions)
-        possible = {"layer runs": 1 + len(modules) * len(buckets), "compactions": len(modules) * len(buckets),
-                    "decode": decode_shapes(buckets, len(modules)), "embed, head": 2}
+        combinations = decode_shapes(segment_buckets(prompt_len, p, pcfg.bucket_fractions), len(modules))
+        possible = {"prefill": combinations, "decode": combinations}
     else:
         possible = {"prefill": 1, "decode": 1}
     return ServingCost(topology=topology, chips=chip_count(topology), mesh=dict(mesh.shape), method=method,
@@ -208,4 +196,4 @@ def _with_room(seg: Segment, new_tokens: int, mesh) -> Segment:
                                next_position=_abstract((b,), jnp.int32, rows))
 
 
-__all__ = ["ServingCost", "decode_shapes", "segment_buckets", "serving_cost", "serving_model"]
+__all__ = ["ServingCost", "capacities_for", "decode_shapes", "segment_buckets", "serving_cost", "serving_model"]

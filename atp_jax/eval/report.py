@@ -64,7 +64,7 @@ def compare(model_dir: str | os.PathLike, reference_dir: str | os.PathLike, shap
     if reference_cfg != cfg:
         raise ValueError(f"{reference_dir} holds another architecture than {model_dir}")
     tokenizer = load_tokenizer(model_dir)
-    atp, trained = load_pruned(model_dir, tuned, method="atp", mode="masked")
+    atp, trained = load_pruned(model_dir, tuned, method="atp")
     if not trained:
         raise ValueError(f"{model_dir} has no trained ATP thresholds")
     test = ev.build_test_set(shapes, tokenizer, cfg.image_token_index, cfg.num_image_tokens, cfg.vision.image_size,

@@ -22,9 +22,10 @@ from atp_jax.data.images import preprocess
 from atp_jax.infer.generate import generate
 from atp_jax.infer.runner import cut_at_stop
 from atp_jax.pruning.accounting import flops_ratio
-from atp_jax.pruning.compact import prefill_compact
 from atp_jax.pruning.config import PruningConfig
-from atp_jax.pruning.engine import PrunedLlava, module_layers
+from atp_jax.pruning.decisions import module_layers
+from atp_jax.pruning.engine import PrunedLlava
+from atp_jax.pruning.prefill import prefill_compact
 
 MAX_NEW_TOKENS = 4  # every answer is one word: at most 2 pieces, then </s>
 
@@ -147,7 +148,7 @@ def pdrop_counts(target_avg: np.ndarray, stage_layers: Sequence[int], num_visual
 def baseline_model(llava, method: str, atp: PruningConfig) -> PrunedLlava:
     """A ranked baseline on `llava` where ATP's saved config places it (what `launch/infer.py --prune METHOD`
     runs): random on ATP's module layers, FastV and PyramidDrop on their own layers."""
-    return PrunedLlava(llava, dataclasses.replace(atp, method=method, mode="masked"), rngs=nnx.Rngs(0))
+    return PrunedLlava(llava, dataclasses.replace(atp, method=method), rngs=nnx.Rngs(0))
 
 
 def counts_at_budget(model: PrunedLlava, atp_run: MethodRun) -> np.ndarray:
@@ -168,12 +169,13 @@ def counts_at_budget(model: PrunedLlava, atp_run: MethodRun) -> np.ndarray:
 
 def prefill_seconds(pruned: PrunedLlava, test: TestSet, batch_size: int, counts: np.ndarray | None = None,
                     repeats: int = 10) -> float:
-    """Median wall time of a compact-mode prefill of the first `batch_size` questions (after a warm-up call
-    that compiles the buckets this batch needs)."""
+    """Median wall time of a compact-mode prefill of the first `batch_size` questions, after two warm-up calls:
+    the first plans ATP's capacities for this prompt length, the second compiles the planned program."""
     rows = np.arange(min(batch_size, len(test)))
     args = (test.input_ids[rows], test.pixel_values[rows], test.attention_mask[rows])
     c = None if counts is None else counts[rows]
-    prefill_compact(pruned, *args, last_logits_only=True, counts=c).logits.block_until_ready()
+    for _ in range(2):
+        prefill_compact(pruned, *args, last_logits_only=True, counts=c).logits.block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -24,8 +24,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from atp_jax.models.kv_cache import Segment, cache_bytes, with_room
 from atp_jax.models.llama import padding_bias
-from atp_jax.pruning.compact import prefill_compact
 from atp_jax.pruning.engine import PrunedLlava
+from atp_jax.pruning.prefill import prefill_compact, prefill_program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +62,6 @@ class DecodeState:
     step: Int[Array, ""]  # decode steps done (token `step` is the next input)
     done: Bool[Array, " B"]
     key: Array
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _masked_prefill(graphdef, state, input_ids, pixel_values, attention_mask, counts):
-    model = nnx.merge(graphdef, state)
-    out = model(input_ids, pixel_values, attention_mask, counts=counts, return_cache=True)
-    last = attention_mask.shape[1] - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)  # last real token per row
-    return out.logits[jnp.arange(input_ids.shape[0]), last], out.cache, out.visual_per_layer, out.keep
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling", "eos_id"), donate_argnames=("ds",))
@@ -120,10 +112,10 @@ def generate(model: PrunedLlava, input_ids, pixel_values, attention_mask=None, *
              on_tokens: Callable[[np.ndarray, int], np.ndarray | None] | None = None) -> Generation:
     """Generates up to `max_new_tokens` per row after a pruned prefill of the (right- or left-padded) prompts.
 
-    `mode`: "compact" (pruned tokens removed from compute and cache) or "masked". The decode runs in jitted
-    chunks of `chunk` steps; the cache has room for `max_new_tokens` rounded up to `budget_multiple`, so one
-    program serves nearby budgets. `counts`: per-instance budgets for the ranked baselines, as in
-    `PrunedLlava.__call__`. After every chunk `on_tokens(tokens_so_far [B, n], n)` may return a bool
+    `mode`: "compact" (pruned tokens removed from compute and cache: `prefill.prefill_compact`) or "masked".
+    The decode runs in jitted chunks of `chunk` steps; the cache has room for `max_new_tokens` rounded up to
+    `budget_multiple`, so one program serves nearby budgets. `counts`: per-instance budgets for the ranked
+    baselines, as in `PrunedLlava.__call__`. After every chunk `on_tokens(tokens_so_far [B, n], n)` may return a bool
     [B] array of rows to stop (stop strings, streaming to a terminal).
     """
     if mode not in ("compact", "masked"):
@@ -139,9 +131,10 @@ def generate(model: PrunedLlava, input_ids, pixel_values, attention_mask=None, *
     if mode == "compact":
         out = prefill_compact(model, input_ids, pixel_values, mask, last_logits_only=True, counts=counts,
                               return_cache=True)
-        first_logits, cache, per_layer, keep = out.logits[:, 0], out.cache, out.visual_per_layer, out.keep
     else:
-        first_logits, cache, per_layer, keep = _masked_prefill(graphdef, state, input_ids, pixel_values, mask, counts)
+        out = prefill_program(graphdef, state, input_ids, pixel_values, mask, counts, mode="masked",
+                              last_logits_only=True, return_cache=True)
+    first_logits, cache, per_layer, keep = out.logits[:, 0], out.cache, out.visual_per_layer, out.keep
     key = jax.random.key(seed)
     first = sample_tokens(first_logits, jax.random.fold_in(key, 0), sampling)
     tokens = jnp.zeros((b, budget + 1), jnp.int32).at[:, 0].set(first)

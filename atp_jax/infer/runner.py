@@ -198,7 +198,7 @@ def load(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike | None 
         raise InferError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
                          f"{config.text.vocab_size}: wrong tokenizer for {checkpoint}?")
     try:  # the static-shape model runs in masked mode; `mode` only picks how generate() prefills
-        pruned, trained = load_pruned(checkpoint, llava, method=prune, mode="masked")
+        pruned, trained = load_pruned(checkpoint, llava, method=prune)
     except ValueError as e:  # a pruning config that does not fit this model
         raise InferError(f"{checkpoint}: cannot set up pruning: {e}") from e
     return Runner(pruned=pruned, tokenizer=tokenizer, mode=mode, trained=trained, checkpoint=checkpoint)

@@ -31,6 +31,7 @@ def config_from_dict(d: dict) -> PruningConfig:
     if not isinstance(d, dict):
         raise ValueError(f"expected a JSON object, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(PruningConfig)}
+    d = {k: v for k, v in d.items() if k != "mode"}  # saved before the execution mode left the config
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ValueError(f"unknown pruning config fields: {unknown}")
@@ -66,7 +67,7 @@ def has_pruning(directory: str | Path) -> bool:
 
 def load_pruned(directory: str | Path, llava, rngs: nnx.Rngs | None = None, **overrides) -> tuple[PrunedLlava, bool]:
     """The pruned model for a checkpoint directory and whether its thresholds were trained: the saved config
-    and thresholds when present (fields in `overrides`, e.g. `mode`, replace saved ones), otherwise the
+    and thresholds when present (fields in `overrides`, e.g. `method`, replace saved ones), otherwise the
     default config placed for this decoder depth, with `overrides`. Every method runs at the placement the
     config holds (`method="fastv"` prunes where the main job's report runs FastV)."""
     import orbax.checkpoint as ocp

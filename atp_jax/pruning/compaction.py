@@ -20,6 +20,19 @@ def bucket_length(count: int, full: int, fractions: tuple[float, ...]) -> int:
     raise ValueError(f"{count} tokens exceed the largest bucket of {full}")
 
 
+def bucketed_capacities(slots, full: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """Capacities of the runs after each module from the tokens each must hold: each rounded up to a bucket of
+    `full` (`bucket_length`), never more than the run before (tokens are only ever removed).
+
+    Example: slots [170, 400, 90], full 640, fractions (0.25, 0.5, 1.0) -> (320, 320, 160).
+    """
+    out, bound = [], full
+    for n in slots:
+        bound = min(bound, bucket_length(min(n, full), full, fractions))
+        out.append(bound)
+    return tuple(out)
+
+
 def compaction_index(keep: Bool[Array, "B T"], length: int) -> tuple[Int[Array, "B L"], Bool[Array, "B L"]]:
     """Indices of each row's kept tokens in their original order, padded to `length`, and which are real.
 

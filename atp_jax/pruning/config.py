@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 METHODS = ("atp", "fastv", "pdrop", "random", "spatial", "none")
-MODES = ("soft", "masked", "compact")
 
 
 @dataclasses.dataclass(frozen=True)
 class PruningConfig:
     method: str = "atp"
-    mode: str = "masked"  # soft (training), masked (hard, static shapes), compact (tokens removed)
     # ATP (docs/method.md, section 2)
     atp_layers: tuple[int, ...] = (4, 14, 24)  # a module after each of these decoder layers (0-indexed, of 32)
     temperature: float = 10.0  # T in sigmoid(T * (score - threshold))
@@ -33,16 +31,14 @@ class PruningConfig:
     pdrop_keep: float = 0.5  # fraction kept at each PyramidDrop stage
     seed: int = 0  # random baseline
     random_schedule: tuple[float, ...] = (0.5, 0.25, 0.125)  # fraction of visual tokens kept after each module
-    # compact mode: sequence lengths after a module are rounded up to one of these fractions of the prompt
-    # length, so at most len(bucket_fractions) programs compile per segment. Steps of 1/16 keep the padding
-    # small where it matters most: after an aggressive module, 88 real tokens of 640 run as 120, not 160.
+    # compact mode: the sequence's capacity after a module is rounded up to one of these fractions of the
+    # prompt length, so few programs compile per prompt length. Steps of 1/16 keep the padding small where it
+    # matters most: after an aggressive module, 88 real tokens of 640 run as 120, not 160.
     bucket_fractions: tuple[float, ...] = tuple(i / 16 for i in range(1, 17))
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r}: expected one of {METHODS}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
         if self.position_mode not in ("original", "contiguous"):
             raise ValueError(f"position_mode {self.position_mode!r}: expected 'original' or 'contiguous'")
         if list(self.atp_layers) != sorted(set(self.atp_layers)):

@@ -85,7 +85,7 @@ def build_model(config, vocab_size: int, image_token_id: int, abstract: bool = F
             emb = llava.vision_tower.position_embedding.embedding
             emb[...] = std * jax.random.normal(jax.random.key(config.seed + 2), emb.shape, emb.dtype)
     # Placed for this depth (baselines included), so the exported model runs every method as the report does.
-    pcfg = fit_to_depth(config.pruning.to_dict() | {"mode": "soft"}, llava.config.text.num_hidden_layers)
+    pcfg = fit_to_depth(config.pruning.to_dict(), llava.config.text.num_hidden_layers)
     llava.language_model.remat = bool(config.model.remat)
     llava.language_model.attention = attention_implementation(config)
     if abstract:

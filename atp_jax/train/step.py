@@ -15,7 +15,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from atp_jax.data.conversation import IGNORE_INDEX
-from atp_jax.pruning.engine import prompt_mask
+from atp_jax.pruning.decisions import prompt_mask
 
 
 def lm_loss(logits: Float[Array, "B T V"], labels: Int[Array, "B T"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
@@ -63,17 +63,17 @@ class TrainState:
 
 def model_loss(model, batch: dict, teacher_logits=None, distill: Distill | None = None
                ) -> tuple[Float[Array, ""], dict]:
-    """Loss of a `PrunedLlava` on a batch (input_ids, labels, attention_mask, pixel_values) and its parts; with
-    a teacher's logits, plus the distillation term."""
+    """Loss of a `PrunedLlava` (soft masks) on a batch (input_ids, labels, attention_mask, pixel_values) and its
+    parts; with a teacher's logits, plus the distillation term."""
     # The side paths score with the prompt's tokens only: no answer token chooses which keys its own prediction
     # may see, and the thresholds see in training what they see at inference.
-    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="soft",
                 prompt=prompt_mask(batch["labels"], IGNORE_INDEX))
     ce, tokens = lm_loss(out.logits, batch["labels"])
     parts = model.losses(out)
     metrics = {"lm_loss": ce, "supervised_tokens": tokens, "avg_visual_tokens": parts["avg_visual_tokens"]}
     total = ce
-    if model.pcfg.mode == "soft" and model.module_layers:
+    if model.module_layers:
         total = ce + parts["atp"] + parts["target"]
         metrics |= {"atp_loss": parts["atp"], "target_loss": parts["target"]}
         n = jnp.maximum(out.has_image.sum(), 1)

@@ -141,12 +141,10 @@ def test_the_serving_programs_compile_for_a_slice_and_compaction_shrinks_the_cac
                        new_tokens=new, keep=(0.5, 0.25, 0.125))
     # modules after layers 0, 1, 2; 32 text tokens always stay, plus 8, 4, 2 of the 16 visual ones, in buckets
     assert atp.segment_lengths == (48, 42, 36, 36)
-    assert [p.name for p in atp.programs] == [
-        "embed", "layers 0-0 at 48", "compact to 42", "layers 1-1 at 42", "compact to 36", "layers 2-2 at 36",
-        "compact to 36", "layers 3-3 at 36", "head (last token)", "decode (16 steps)"]
+    assert [p.name for p in atp.programs] == ["prefill (compact)", "decode (16 steps)"]
     assert atp.cache_bytes == cache_bytes([48, 42, 36, 36]) < full.cache_bytes
     assert atp.cache_bytes_per_chip == atp.cache_bytes // 4
-    assert atp.possible_programs["decode"] == 56 and atp.possible_programs["layer runs"] == 1 + 3 * 6
+    assert atp.possible_programs == {"prefill": 56, "decode": 56}  # non-increasing capacities over 6 buckets
     assert all(p.total_bytes > 0 for p in atp.programs)
 
     masked = serving_cost(cfg, "v5e:2x2", method="atp", mode="masked", batch=batch, prompt_len=prompt,
