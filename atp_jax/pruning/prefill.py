@@ -8,8 +8,8 @@ length):
 
 - the ranked baselines and the spatial skeleton know their counts before the prefill runs (their schedule, or
   the per-instance `counts` they are given), so their capacities are exact;
-- ATP decides per instance at run time, so its capacities follow what it kept in earlier prefills of the same
-  prompt length (with some headroom). The first prefill of a length runs at full capacity. The program reports
+- ATP decides per instance at run time, so its capacities are the buckets that held the most it kept in earlier
+  prefills of the same prompt length. The first prefill of a length runs at full capacity. The program reports
   the most tokens any row kept after each module (`needed`, read back with the logits); a prefill that
   overflowed a capacity is run again at full capacity, so the result is always exact (compact == masked),
   and the capacities grow to hold it. In a steady state one program serves each prompt length.
@@ -18,7 +18,6 @@ length):
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 
 import jax
@@ -28,8 +27,6 @@ from flax import nnx
 from atp_jax.pruning.compaction import bucketed_capacities
 from atp_jax.pruning.decisions import most_kept
 from atp_jax.pruning.engine import PrunedLlava, PrunedOutput
-
-HEADROOM = 0.125  # ATP's capacities hold this fraction of the visual tokens beyond the most seen kept
 
 # What ATP kept in earlier compact prefills, per model and prompt length: the most tokens any row kept after
 # each module. Only speed depends on it; results never do.
@@ -48,10 +45,10 @@ def prefill_program(graphdef, state, input_ids, pixel_values, attention_mask, co
 
 def plan_capacities(model: PrunedLlava, prompt_len: int, counts=None) -> tuple[int, ...]:
     """The slots after each module for a compact prefill of `prompt_len` tokens: the text plus the most visual
-    tokens an instance may keep (known, or what ATP kept before with headroom; all of them the first time),
-    rounded up to a bucket, never more than the run before."""
+    tokens an instance may keep (known, or the most ATP kept before; all of them the first time), rounded up to
+    a bucket, never more than the run before."""
     cfg, pcfg = model.llava.config, model.pcfg
-    p, text = cfg.num_image_tokens, prompt_len - cfg.num_image_tokens
+    text = prompt_len - cfg.num_image_tokens
     seen = _seen.get(model, {}).get(prompt_len)
     counts = None if counts is None else np.asarray(counts)
     slots = []
@@ -60,7 +57,7 @@ def plan_capacities(model: PrunedLlava, prompt_len: int, counts=None) -> tuple[i
         if visual is not None:
             slots.append(text + visual)
         elif seen is not None:
-            slots.append(int(seen[m]) + math.ceil(HEADROOM * p))
+            slots.append(int(seen[m]))
         else:
             slots.append(prompt_len)
     return bucketed_capacities(slots, prompt_len, pcfg.bucket_fractions)
