@@ -324,6 +324,8 @@ def test_an_overflowing_compact_prefill_is_rerun_exactly(llava):
     out = prefill_compact(model, ids, pixels, capacities=too_small)
     assert out.lengths == (24,) * 4  # run again with room for every token
     np.testing.assert_array_equal(out.keep, masked.keep)
+    with pytest.raises(ValueError, match="one capacity per module"):
+        prefill_compact(model, ids, pixels, capacities=(12, 10))
 
 
 def test_compact_batch_equals_singles(llava):

@@ -17,7 +17,7 @@ from atp_jax.pruning.accounting import (
 )
 from atp_jax.pruning.compaction import bucket_length, bucketed_capacities, compaction_index, gather_tokens
 from atp_jax.pruning.config import PruningConfig
-from atp_jax.pruning.masks import hard_keep, key_bias, scatter_to_sequence, soft_keep
+from atp_jax.pruning.masks import hard_keep, key_bias, soft_keep
 from atp_jax.pruning.scoring import attention_received, minmax_normalise, redundancy_score, sap_scores, visual_positions
 from atp_jax.pruning.thresholds import ThresholdMLP, resample_sorted
 
@@ -88,10 +88,7 @@ def test_soft_mask_approaches_hard_mask():
     assert ((soft_keep(s_red, s_sp, theta_r, theta_s, 10.0) > 0.5) == hard).all()
 
 
-def test_scatter_to_sequence_and_key_bias():
-    values = jnp.array([[5.0, 6.0], [7.0, 8.0]])
-    out = scatter_to_sequence(values, jnp.array([[1, 2], [0, 1]]), jnp.array([True, False]), 4, 0.0)
-    np.testing.assert_array_equal(out, [[0, 5, 6, 0], [0, 0, 0, 0]])
+def test_key_bias():
     hard = key_bias(jnp.array([[1.0, 0.0, 1.0]]), None)
     assert hard.shape == (1, 1, 1, 3)  # broadcast over heads and queries
     np.testing.assert_array_equal(hard[0, 0, 0], np.array([0, NEG_INF, 0], np.float32))

@@ -73,7 +73,7 @@ class PrunedLlava(nnx.Module):
         p, n_layers = cfg.num_image_tokens, cfg.text.num_hidden_layers
         frame, row_seed, has_image = initial_frame(self, input_ids, pixel_values, attention_mask, prompt)
         modules = self.module_layers if pixel_values is not None else ()  # nothing to prune without an image
-        capacities = tuple(capacities)[:len(modules)] if mode == "compact" else ()
+        capacities = tuple(capacities) if mode == "compact" and modules else ()
         walked = walk(self, frame, row_seed, has_image, mode=mode, modules=modules, max_text=max(1, t - p),
                       counts=check_counts(counts, self.pcfg, b, len(self.module_layers)), capacities=capacities,
                       padded=attention_mask is not None, return_cache=return_cache)

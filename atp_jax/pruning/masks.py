@@ -23,18 +23,6 @@ def hard_keep(s_red: Float[Array, "B P"], s_sp: Float[Array, "B P"], theta_r: Fl
     return (s_red > theta_r[:, None]) | (s_sp > theta_s[:, None])
 
 
-def scatter_to_sequence(values: Float[Array, "B P"], positions: Int[Array, "B P"], has_image: Bool[Array, " B"],
-                        length: int, fill: float) -> Float[Array, "B T"]:
-    """Per-visual-token values written at their sequence positions; `fill` elsewhere and in image-less rows.
-
-    Example: values [[5, 6]], positions [[1, 2]], length 4, fill 0 -> [[0, 5, 6, 0]].
-    """
-    base = jnp.full((values.shape[0], length), fill, values.dtype)
-    rows = jnp.arange(values.shape[0])[:, None]
-    out = base.at[rows, positions].set(values)
-    return jnp.where(has_image[:, None], out, base)
-
-
 def key_bias(keep: Float[Array, "B T"], eps: float | None) -> Float[Array, "B 1 1 T"]:
     """Attention bias on keys from per-token keep weights, broadcast over heads and queries.
 
