@@ -123,9 +123,3 @@ def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable
         return body(layer, c) if xs is None else body(layer, c, x)
 
     return jax.lax.scan(jax.checkpoint(step) if remat else step, carry, (jnp.arange(start, stop), xs))
-
-
-def layer_at(layers: nnx.Module, i: int) -> nnx.Module:
-    """Layer `i` of stacked `layers`, as a module of its own."""
-    graphdef, state = nnx.split(layers)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
