@@ -81,16 +81,22 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
         return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal)
     if causal and k.shape[1] != t:
         raise ValueError("causal attention needs as many keys as queries")
+    if bias is None:
+        return rowwise(lambda q, k, v: _chunked(q, k, v, None, causal, chunk), q, k, v)
+    bias = jnp.broadcast_to(bias, (q.shape[0],) + bias.shape[1:])
+    return rowwise(lambda q, k, v, bias: _chunked(q, k, v, bias, causal, chunk), q, k, v, bias)
+
+
+def rowwise(fn: Callable, *arrays: Array):
+    """`fn(*arrays)` for arrays with a leading batch axis; on XLA:CPU, outside a mesh of several devices, the rows
+    one at a time (`lax.map`, a loop). A batch's attention logits outgrow the cache, and XLA:CPU then runs them
+    1.4-2x slower per row (benchmark model, batch 4). Under a mesh the batch is sharded, so it stays whole."""
     from atp_jax.sharding import active_mesh
 
     mesh = active_mesh()
-    if q.shape[0] > 1 and (mesh is None or mesh.size == 1):
-        # One row at a time (a loop, not unrolled): a batch's chunk of logits outgrows the cache, and XLA:CPU then
-        # runs it 1.4-2x slower per row (benchmark model, batch 4). Not under a mesh, whose batch is sharded.
-        rows = (q, k, v) if bias is None else (q, k, v, jnp.broadcast_to(bias, (q.shape[0],) + bias.shape[1:]))
-        return jax.lax.map(lambda r: _chunked(*(x[None] for x in r[:3]), None if bias is None else r[3][None],
-                                              causal, chunk)[0], rows)
-    return _chunked(q, k, v, bias, causal, chunk)
+    if arrays[0].shape[0] == 1 or target_platform() != "cpu" or (mesh is not None and mesh.size > 1):
+        return fn(*arrays)
+    return jax.lax.map(lambda row: jax.tree.map(lambda y: y[0], fn(*(x[None] for x in row))), arrays)
 
 
 def _chunked(q, k, v, bias, causal: bool, chunk: int):
