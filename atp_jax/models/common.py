@@ -48,6 +48,7 @@ def target_platform() -> str:
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
+@jax.named_scope("attention")  # names its ops in profiles (benchmarks/profile_prefill.py)
 def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
               bias: Float[Array, "B N T S"] | None = None, *, causal: bool = False,
               chunk: int | str | None = "auto", implementation: str = "auto") -> Float[Array, "B T N H"]:
@@ -88,13 +89,13 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
 
 
 def rowwise(fn: Callable, *arrays: Array):
-    """`fn(*arrays)` for arrays with a leading batch axis; on XLA:CPU, outside a mesh of several devices, the rows
-    one at a time (`lax.map`, a loop). A batch's attention logits outgrow the cache, and XLA:CPU then runs them
-    1.4-2x slower per row (benchmark model, batch 4). Under a mesh the batch is sharded, so it stays whole."""
+    """`fn(*arrays)` for arrays with a leading batch axis; on XLA:CPU outside any mesh (inference), the rows one at
+    a time (`lax.map`, a loop). A batch's attention logits outgrow the cache, and XLA:CPU then runs them 1.4-2x
+    slower per row (benchmark model, batch 4). Under a mesh (training, sharded serving) the batch stays whole:
+    it is sharded there, and a training step compiled with these loops crashed XLA:CPU once in the test suite."""
     from atp_jax.sharding import active_mesh
 
-    mesh = active_mesh()
-    if arrays[0].shape[0] == 1 or target_platform() != "cpu" or (mesh is not None and mesh.size > 1):
+    if arrays[0].shape[0] == 1 or target_platform() != "cpu" or active_mesh() is not None:
         return fn(*arrays)
     return jax.lax.map(lambda row: jax.tree.map(lambda y: y[0], fn(*(x[None] for x in row))), arrays)
 
