@@ -97,6 +97,7 @@ class Generation:
     ttft_s: float  # prefill + first token
     decode_s: float
     cache_bytes: int
+    prefill_lengths: tuple[int, ...] = ()  # the prefill program's: the prompt's length, then each capacity (compact)
 
     def row(self, b: int) -> list[int]:
         return self.tokens[b, :self.lengths[b]].tolist()
@@ -157,7 +158,8 @@ def generate(model: PrunedLlava, input_ids, pixel_values, attention_mask=None, *
     is_eos = tokens == eos_id
     lengths = np.where(is_eos.any(1), is_eos.argmax(1), generated)
     return Generation(tokens=tokens, lengths=lengths, visual_per_layer=np.asarray(per_layer), keep=np.asarray(keep),
-                      ttft_s=ttft, decode_s=decode_s, cache_bytes=cache_bytes(ds.cache))
+                      ttft_s=ttft, decode_s=decode_s, cache_bytes=cache_bytes(ds.cache),
+                      prefill_lengths=tuple(out.lengths))
 
 
 def _apply_stops(ds: DecodeState, stop) -> DecodeState:

@@ -48,6 +48,7 @@ def target_platform() -> str:
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
+@jax.named_scope("attention")  # names its ops in profiles (benchmarks/profile_prefill.py)
 def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[Array, "B S K H"],
               bias: Float[Array, "B N T S"] | None = None, *, causal: bool = False,
               chunk: int | str | None = "auto", implementation: str = "auto") -> Float[Array, "B T N H"]:
@@ -81,6 +82,27 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
         return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal)
     if causal and k.shape[1] != t:
         raise ValueError("causal attention needs as many keys as queries")
+    if bias is None:
+        return rowwise(lambda q, k, v: _chunked(q, k, v, None, causal, chunk), q, k, v)
+    bias = jnp.broadcast_to(bias, (q.shape[0],) + bias.shape[1:])
+    return rowwise(lambda q, k, v, bias: _chunked(q, k, v, bias, causal, chunk), q, k, v, bias)
+
+
+def rowwise(fn: Callable, *arrays: Array):
+    """`fn(*arrays)` for arrays with a leading batch axis; on XLA:CPU outside any mesh (inference), the rows one at
+    a time (`lax.map`, a loop). A batch's attention logits outgrow the cache, and XLA:CPU then runs them 1.4-2x
+    slower per row (benchmark model, batch 4). Under a mesh (training, sharded serving) the batch stays whole:
+    it is sharded there, and a training step compiled with these loops crashed XLA:CPU once in the test suite."""
+    from atp_jax.sharding import active_mesh
+
+    if arrays[0].shape[0] == 1 or target_platform() != "cpu" or active_mesh() is not None:
+        return fn(*arrays)
+    return jax.lax.map(lambda row: jax.tree.map(lambda y: y[0], fn(*(x[None] for x in row))), arrays)
+
+
+def _chunked(q, k, v, bias, causal: bool, chunk: int):
+    """`attention` on XLA:CPU: the queries in chunks of `chunk`, each against the keys it may see."""
+    t = q.shape[1]
     out = []
     for start in range(0, t, chunk):
         stop = min(start + chunk, t)
@@ -123,9 +145,3 @@ def scan_layers(layers: nnx.Module, start: int, stop: int, carry, body: Callable
         return body(layer, c) if xs is None else body(layer, c, x)
 
     return jax.lax.scan(jax.checkpoint(step) if remat else step, carry, (jnp.arange(start, stop), xs))
-
-
-def layer_at(layers: nnx.Module, i: int) -> nnx.Module:
-    """Layer `i` of stacked `layers`, as a module of its own."""
-    graphdef, state = nnx.split(layers)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))

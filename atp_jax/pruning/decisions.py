@@ -172,6 +172,7 @@ def ranked_decision(m: int, x: ModuleInputs, num_visual: int, pcfg: PruningConfi
     return keep_top(scores, kept, count).astype(jnp.float32)
 
 
+@jax.named_scope("pruning_decision")
 def decide(model, m: int, x: ModuleInputs, soft: bool, max_text: int,
            counts: Int[Array, "B M"] | None = None):
     """Module `m` of `model` (a PrunedLlava): its new keep weights for the frame's visual entries, its thresholds

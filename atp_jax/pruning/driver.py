@@ -80,6 +80,7 @@ def initial_frame(model, input_ids: Int[Array, "B T"], pixel_values, attention_m
     return frame, row_seed, has_image
 
 
+@jax.named_scope("compaction")
 def compact(frame: Frame, kept: Bool[Array, "B T"], capacity: int, contiguous: bool) -> Frame:
     """Each row's kept tokens gathered, in order, into `capacity` slots (the rest padding)."""
     index, valid = compaction_index(kept, capacity)

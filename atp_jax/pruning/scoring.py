@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from atp_jax.models.common import rowwise
+
 TINY = 1e-12
 
 
@@ -31,9 +33,14 @@ def attention_received(q: Float[Array, "B Q N H"], k: Float[Array, "B P K H"], k
     heads, then a `query_weight`-weighted mean over queries (zero where all weights are zero).
 
     This is the side path of ATP: one q.k^T against the visual keys at one layer, so the decoder's own
-    attention never has to return probabilities. Example: one query, one head, keys with equal logits and
-    key_bias [0, 0, -inf] -> [0.5, 0.5, 0].
+    attention never has to return probabilities. On XLA:CPU a batch's rows go one at a time (`rowwise`: at the
+    first module the logits are [Q, N, P] = 576 x 8 x 576 per row on the benchmark model).
+    Example: one query, one head, keys with equal logits and key_bias [0, 0, -inf] -> [0.5, 0.5, 0].
     """
+    return rowwise(_attention_received, q, k, key_bias, query_weight)
+
+
+def _attention_received(q, k, key_bias, query_weight):
     b, nq, n, h = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, nq, kv, n // kv, h).astype(jnp.float32)  # [B, Q, K, G, H]
