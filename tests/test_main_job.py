@@ -81,8 +81,8 @@ def test_a_finished_stage_is_not_reused_under_another_config(tmp_path):
         (workdir / "model" / "atp_config.json").write_text("{}")
 
     stages.run_stages(chain_config(), tmp_path / "run", fake_train)
-    longer = chain_config(finetune=3000)
-    with pytest.raises(stages.StageConfigError, match=r"stage finetune .*total_steps: 2400 -> 3000.*another --workdir"):
+    longer = chain_config(finetune=3500)
+    with pytest.raises(stages.StageConfigError, match=r"stage finetune .*total_steps: 3000 -> 3500.*another --workdir"):
         stages.run_stages(longer, tmp_path / "run", fake_train)
     other_start = chain_config()
     other_start.model.init_from = "/checkpoints/vicuna"

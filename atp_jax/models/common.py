@@ -92,7 +92,7 @@ def rowwise(fn: Callable, *arrays: Array):
     """`fn(*arrays)` for arrays with a leading batch axis; on XLA:CPU outside any mesh (inference), the rows one at
     a time (`lax.map`, a loop). A batch's attention logits outgrow the cache, and XLA:CPU then runs them 1.4-2x
     slower per row (benchmark model, batch 4). Under a mesh (training, sharded serving) the batch stays whole:
-    it is sharded there, and a training step compiled with these loops crashed XLA:CPU once in the test suite."""
+    it is sharded there."""
     from atp_jax.sharding import active_mesh
 
     if arrays[0].shape[0] == 1 or target_platform() != "cpu" or active_mesh() is not None:
