@@ -134,15 +134,15 @@ def test_fastv_counts_clip_at_what_the_first_layers_already_spend():
 
 
 def fake_results(atp_acc=0.8, unpruned_acc=0.82, baseline_acc=0.6, text_only=0.3, atp_fraction=0.3,
-                 best_baseline=None):
+                 best_baseline=None, atp_prefill_ms=4.0):
     kinds = ("color", "count")
 
     def method(model, name, acc, frac):
         return {"model": model, "method": name, "accuracy": acc, "per_kind": dict.fromkeys(kinds, acc),
                 "avg_visual_tokens": 144 * frac, "visual_token_fraction": frac, "flops_ratio": frac,
-                "prefill_ms": 10.0}
+                "prefill_ms": 10.0 * frac}
 
-    methods = {rp.ATP: method("ATP-tuned", "ATP", atp_acc, atp_fraction)}
+    methods = {rp.ATP: method("ATP-tuned", "ATP", atp_acc, atp_fraction) | {"prefill_ms": atp_prefill_ms}}
     methods[rp.ATP]["budget_spread"] = {"min": 0.1, "median": 0.3, "max": 0.6}
     for model_key, model_name in rp.MODELS:
         methods[f"{model_key}/unpruned"] = method(model_name, "unpruned", unpruned_acc, 1.0)
@@ -158,9 +158,11 @@ def fake_results(atp_acc=0.8, unpruned_acc=0.82, baseline_acc=0.6, text_only=0.3
 def test_targets_say_which_are_met():
     ok = fake_results()["targets"]
     assert all(t["met"] for t in ok.values()), ok
-    bad = fake_results(atp_acc=0.7, baseline_acc=0.75, text_only=0.78, atp_fraction=0.4)["targets"]
+    bad = fake_results(atp_acc=0.7, baseline_acc=0.75, text_only=0.78, atp_fraction=0.4, atp_prefill_ms=5.6)["targets"]
     assert not any(t["met"] for t in bad.values()), bad
     assert bad["atp_keeps_accuracy"]["value"] == pytest.approx(0.7 / 0.82)
+    slow = bad["atp_prefill_time"]
+    assert slow["value"] == pytest.approx(0.56) and slow["limit"] == pytest.approx(0.55)
     one_better = fake_results(atp_acc=0.8, best_baseline=0.81)["targets"]["atp_beats_every_baseline"]
     assert not one_better["met"] and one_better["best"] == "before_atp/pdrop"  # the best row, whichever model
     assert one_better["value"] == pytest.approx(-0.01) and len(one_better["per_row"]) == 6

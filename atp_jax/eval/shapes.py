@@ -4,12 +4,14 @@ Every method answers every test question greedily (masked mode: hard pruning dec
 scored by exact match, overall and per question kind. The ranked baselines run at ATP's measured budget, per
 instance: random with ATP's own kept counts after each of its modules, FastV and PyramidDrop with the counts
 that give each instance ATP's average visual tokens per decoder layer on their own schedules. Prefill time is
-measured in compact mode (pruned tokens really removed) on one batch: the median of 10 calls after a warm-up.
+measured in compact mode (pruned tokens really removed) on one batch, every method's calls taken in turns: the
+median of 10 rounds after a warm-up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 
@@ -167,28 +169,35 @@ def counts_at_budget(model: PrunedLlava, atp_run: MethodRun) -> np.ndarray:
 # ---- timing -------------------------------------------------------------------------------------------------
 
 
-def prefill_seconds(pruned: PrunedLlava, test: TestSet, batch_size: int, counts: np.ndarray | None = None,
-                    repeats: int = 10) -> float:
-    """Median wall time of a compact-mode prefill of the first `batch_size` questions, after two warm-up calls:
-    the first plans ATP's capacities for this prompt length, the second compiles the planned program."""
-    rows = np.arange(min(batch_size, len(test)))
-    args = (test.input_ids[rows], test.pixel_values[rows], test.attention_mask[rows])
-    c = None if counts is None else counts[rows]
-    for _ in range(2):
-        prefill_compact(pruned, *args, last_logits_only=True, counts=c).logits.block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        prefill_compact(pruned, *args, last_logits_only=True, counts=c).logits.block_until_ready()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def prefill_seconds(rows: dict[str, tuple[PrunedLlava, np.ndarray | None]], test: TestSet, batch_size: int,
+                    rounds: int = 10) -> dict[str, float]:
+    """Median wall time per row of a compact-mode prefill of the first `batch_size` questions; `rows` maps a name
+    to a model and its per-instance counts (None: its own). Every row is warmed up twice (the first call plans
+    ATP's capacities for this prompt length, the second compiles the planned program), then the rows are timed
+    in turns, one call each per round with the starting row rotating, so that a slow stretch of the machine
+    falls on every row alike instead of on whichever row was timed during it."""
+    index = np.arange(min(batch_size, len(test)))
+    args = (test.input_ids[index], test.pixel_values[index], test.attention_mask[index])
+    calls = {name: functools.partial(prefill_compact, model, *args, last_logits_only=True,
+                                     counts=None if counts is None else counts[index])
+             for name, (model, counts) in rows.items()}
+    for call in calls.values():
+        for _ in range(2):
+            call().logits.block_until_ready()
+    names, times = list(calls), {name: [] for name in calls}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            calls[name]().logits.block_until_ready()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def method_result(name: str, run: MethodRun, test: TestSet, model: PrunedLlava, seconds: float) -> dict:
+def method_result(name: str, run: MethodRun, test: TestSet, model: PrunedLlava) -> dict:
     cfg = model.llava.config
     text = test.prompt_tokens - cfg.num_image_tokens
     ratios = [flops_ratio(cfg, v, int(t)) for v, t in zip(run.visual_per_layer, text, strict=True)]
     return {"method": name, **scores(test, run.predictions),
             "avg_visual_tokens": float(run.visual_per_layer.mean()),
             "visual_token_fraction": float(run.visual_per_layer.mean() / cfg.num_image_tokens),
-            "flops_ratio": float(np.mean(ratios)), "prefill_ms": 1000 * seconds}
+            "flops_ratio": float(np.mean(ratios))}
