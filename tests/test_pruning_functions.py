@@ -8,6 +8,7 @@ from flax import nnx
 
 from atp_jax.models.common import NEG_INF
 from atp_jax.models.config import LlavaConfig
+from atp_jax.pruning import scoring
 from atp_jax.pruning.accounting import (
     budget_losses,
     decoder_layer_flops,
@@ -27,9 +28,14 @@ def test_visual_positions():
     np.testing.assert_array_equal(visual_positions(mask, 2), [[1, 2], [0, 1]])
 
 
-def test_attention_received_matches_numpy():
+# On CPU the logits go in pieces of at most CPU_LOGITS_BLOCK floats (a row's are 5 x 4 x 7 = 140 here): the
+# whole batch; two rows at a time and then the third; one row at a time with one query per piece.
+@pytest.mark.parametrize("block", [None, 300, 40])
+def test_attention_received_matches_numpy(block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(scoring, "CPU_LOGITS_BLOCK", block)
     rng = np.random.default_rng(0)
-    b, nq, p, n, kv, h = 2, 5, 7, 4, 2, 8
+    b, nq, p, n, kv, h = 3, 5, 7, 4, 2, 8
     q, k = rng.standard_normal((b, nq, n, h)), rng.standard_normal((b, p, kv, h))
     keep = rng.random((b, p)) > 0.3
     weight = (rng.random((b, nq)) > 0.4).astype(np.float32)

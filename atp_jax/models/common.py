@@ -88,14 +88,19 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
     return rowwise(lambda q, k, v, bias: _chunked(q, k, v, bias, causal, chunk), q, k, v, bias)
 
 
+def cpu_unsharded() -> bool:
+    """Programs built for XLA:CPU outside any mesh (inference here): where `rowwise` and query chunks pay."""
+    from atp_jax.sharding import active_mesh
+
+    return target_platform() == "cpu" and active_mesh() is None
+
+
 def rowwise(fn: Callable, *arrays: Array):
     """`fn(*arrays)` for arrays with a leading batch axis; on XLA:CPU outside any mesh (inference), the rows one at
     a time (`lax.map`, a loop). A batch's attention logits outgrow the cache, and XLA:CPU then runs them 1.4-2x
     slower per row (benchmark model, batch 4). Under a mesh (training, sharded serving) the batch stays whole:
     it is sharded there."""
-    from atp_jax.sharding import active_mesh
-
-    if arrays[0].shape[0] == 1 or target_platform() != "cpu" or active_mesh() is not None:
+    if arrays[0].shape[0] == 1 or not cpu_unsharded():
         return fn(*arrays)
     return jax.lax.map(lambda row: jax.tree.map(lambda y: y[0], fn(*(x[None] for x in row))), arrays)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from atp_jax.models.common import rowwise
+from atp_jax.models.common import cpu_unsharded
 
 TINY = 1e-12
 
@@ -27,28 +27,51 @@ def visual_positions(image_mask: Bool[Array, "B T"], num_visual: int) -> Int[Arr
     return jnp.argsort(~image_mask, axis=1, stable=True)[:, :num_visual].astype(jnp.int32)
 
 
+# On XLA:CPU outside a mesh the side path's logits go in pieces of at most this many floats (2.4 MB: 128 queries
+# x 8 heads x 576 keys on the benchmark model), which stay in cache: larger pieces ran ~1.5x slower per float
+# there, and smaller ones pay XLA:CPU's cost per op again and again on small models.
+CPU_LOGITS_BLOCK = 128 * 8 * 576
+
+
 def attention_received(q: Float[Array, "B Q N H"], k: Float[Array, "B P K H"], key_bias: Float[Array, "B P"],
                        query_weight: Float[Array, "B Q"]) -> Float[Array, "B P"]:
     """Attention each key receives: softmax over keys (with `key_bias` added to the logits), averaged over
     heads, then a `query_weight`-weighted mean over queries (zero where all weights are zero).
 
     This is the side path of ATP: one q.k^T against the visual keys at one layer, so the decoder's own
-    attention never has to return probabilities. On XLA:CPU a batch's rows go one at a time (`rowwise`: at the
-    first module the logits are [Q, N, P] = 576 x 8 x 576 per row on the benchmark model).
+    attention never has to return probabilities. On XLA:CPU outside a mesh the logits go in pieces of at most
+    `CPU_LOGITS_BLOCK` floats: as many rows at a time as fit, or one row with its queries in chunks (at the
+    first module a row's logits are [Q, N, P] = 576 x 8 x 576 on the benchmark model: 10.6 MB). Pieces change
+    only the order of the sum over queries.
     Example: one query, one head, keys with equal logits and key_bias [0, 0, -inf] -> [0.5, 0.5, 0].
     """
-    return rowwise(_attention_received, q, k, key_bias, query_weight)
+    b, nq, n, _ = q.shape
+    per_row = nq * n * k.shape[1]
+    if not cpu_unsharded() or b * per_row <= CPU_LOGITS_BLOCK:
+        return _attention_received(q, k, key_bias, query_weight, nq)
+    rows = max(1, CPU_LOGITS_BLOCK // per_row)
+    chunk = nq if rows > 1 else max(1, CPU_LOGITS_BLOCK // (n * k.shape[1]))
+
+    def row(x):
+        return _attention_received(*(a[None] for a in x), chunk)[0]
+
+    return jax.lax.map(row, (q, k, key_bias, query_weight), batch_size=rows)
 
 
-def _attention_received(q, k, key_bias, query_weight):
+def _attention_received(q, k, key_bias, query_weight, chunk: int):
     b, nq, n, h = q.shape
     kv = k.shape[2]
-    qg = q.reshape(b, nq, kv, n // kv, h).astype(jnp.float32)  # [B, Q, K, G, H]
-    # Keys last and queries outermost: XLA:CPU runs this layout ~2.5x faster than [B, K, G, Q, P].
-    logits = jnp.einsum("bqkgh,bpkh->bqkgp", qg, k.astype(jnp.float32)) / math.sqrt(h)
-    probs = jax.nn.softmax(logits + key_bias[:, None, None, None, :], axis=-1)
     weight = query_weight / jnp.maximum(query_weight.sum(-1, keepdims=True), TINY) / n  # [B, Q], head mean folded in
-    return jnp.einsum("bqkgp,bq->bp", probs, weight)
+    k = k.astype(jnp.float32)
+    total = 0.0
+    for start in range(0, nq, chunk):
+        stop = min(start + chunk, nq)
+        qg = q[:, start:stop].reshape(b, stop - start, kv, n // kv, h).astype(jnp.float32)  # [B, Q, K, G, H]
+        # Keys last and queries outermost: XLA:CPU runs this layout ~2.5x faster than [B, K, G, Q, P].
+        logits = jnp.einsum("bqkgh,bpkh->bqkgp", qg, k) / math.sqrt(h)
+        probs = jax.nn.softmax(logits + key_bias[:, None, None, None, :], axis=-1)
+        total = total + jnp.einsum("bqkgp,bq->bp", probs, weight[:, start:stop])
+    return total
 
 
 def minmax_normalise(x: Float[Array, "B P"], kept: Bool[Array, "B P"]) -> Float[Array, "B P"]:
