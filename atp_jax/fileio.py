@@ -5,6 +5,7 @@ storage failures told in one line, text files read line by line, and paths kept 
     with atomic_path(path) as tmp: image.save(tmp)  # any writer that wants a path
     with staged_directory(dst) as tmp: ...        # a directory that appears complete or not at all
     for number, line in text_lines(path): ...     # a line with bad bytes is an error for that line only
+    for number, value in json_lines(path): ...    # the same, each line parsed: a value or its LineError
     inside(root, "a/b.png")                       # the path, or ValueError when it leaves `root`
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -163,6 +165,31 @@ def text_lines(path: str | os.PathLike) -> list[tuple[int, str | UnicodeDecodeEr
 def bad_bytes(e: UnicodeDecodeError) -> str:
     """A one-line description of an undecodable line."""
     return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at column {e.start + 1})"
+
+
+class LineError(ValueError):
+    """What is wrong with one line of a JSONL file, in one line: bytes that are not UTF-8, or text that is not
+    JSON. `json_lines` returns it in place of the line's value, so that a reader decides what one bad line
+    costs (skip it, or stop)."""
+
+    def __init__(self, message: str, undecodable: bool = False):
+        super().__init__(message)
+        self.undecodable = undecodable
+
+
+def json_lines(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """(line number from 1, JSON value or LineError) of each non-blank line of a JSONL file. OSError when the
+    file cannot be read."""
+    out: list[tuple[int, object]] = []
+    for number, line in text_lines(path):
+        if isinstance(line, UnicodeDecodeError):
+            out.append((number, LineError(bad_bytes(line), undecodable=True)))
+            continue
+        try:
+            out.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((number, LineError(f"not valid JSON ({e.msg} at column {e.colno})")))
+    return out
 
 
 def inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path:

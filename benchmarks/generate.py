@@ -73,7 +73,7 @@ def torch_generate(ref, ids, pixels, new_tokens: int):
 
 def torch_cache_bytes(cfg, batch: int, length: int) -> int:
     text = cfg.text
-    return 2 * text.num_hidden_layers * batch * length * text.num_key_value_heads * text.dim_per_head * 4
+    return 2 * text.num_hidden_layers * batch * length * text.num_key_value_heads * text.head_dim * 4
 
 
 def mixed_prompts(atp: PrunedLlava, cfg, batch: int, text_lengths: tuple[int, ...], rounds: int,

@@ -110,8 +110,8 @@ def fused_attention(cfg: LlavaConfig, batch: int, runs: int) -> dict:
     text = cfg.text
     t = cfg.num_image_tokens + TEXT_TOKENS + 1
     keys = jax.random.split(jax.random.key(SEED), 3)
-    q = jax.random.normal(keys[0], (batch, t, text.num_attention_heads, text.dim_per_head), jnp.bfloat16)
-    k, v = (jax.random.normal(kk, (batch, t, text.num_key_value_heads, text.dim_per_head), jnp.bfloat16)
+    q = jax.random.normal(keys[0], (batch, t, text.num_attention_heads, text.head_dim), jnp.bfloat16)
+    k, v = (jax.random.normal(kk, (batch, t, text.num_key_value_heads, text.head_dim), jnp.bfloat16)
             for kk in keys[1:])
     out, fns, results = {}, {}, {}
     for impl in ("xla", "cudnn"):
@@ -126,7 +126,7 @@ def fused_attention(cfg: LlavaConfig, batch: int, runs: int) -> dict:
     times = interleaved(fns, runs)
     for impl, result in results.items():
         out[impl] = {"time_s": times[impl], "max_abs_diff_vs_xla": float(jnp.abs(result - results["xla"]).max())}
-    return {"shape": [batch, t, text.num_attention_heads, text.dim_per_head], **out}
+    return {"shape": [batch, t, text.num_attention_heads, text.head_dim], **out}
 
 
 def main() -> None:

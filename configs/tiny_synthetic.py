@@ -37,8 +37,8 @@ def get_config() -> ConfigDict:
 
     c.pruning = ConfigDict()
     c.pruning.method = "atp"
-    # After layers 0, 1 and 3 of 6: every instance keeps all its visual tokens in layer 0, so the deeper the decoder,
-    # the more of the budget the later layers get (with 4 layers, a 32% average left them 9% of the tokens).
+    # After layers 0, 1 and 3 of 6: every instance keeps all its visual tokens in layer 0, which counts in the
+    # average budget, so the more layers follow, the more tokens each of them may keep.
     c.pruning.atp_layers = (0, 1, 3)
     c.pruning.target_ratio = 0.3
     c.pruning.target_scope = "batch"  # the budget binds the batch's mean; each instance keeps what it needs
@@ -94,16 +94,16 @@ def get_config() -> ConfigDict:
         # Captions of larger objects (24-34% of the side, 3x the area): with the test's small ones, the fresh
         # model learns to look at them too slowly (stages 2 and 3 and the test use the default sizes).
         data=dict(source="shapes_vqa/caption", template="plain", shapes=dict(min_size=0.24, max_size=0.34)),
-        optim=dict(lr=1e-3, atp_lr=0.0, vision_lr=1e-3)))  # 3e-3 learned colour worse and shapes not at all
-    # 3000 steps on 24000 images: after 400 steps the model answered relative-position questions no better than a
-    # text-only guesser, and more passes over 8000 images lifted it less than new images (docs/experiments.md).
+        optim=dict(lr=1e-3, atp_lr=0.0, vision_lr=1e-3)))
+    # 3000 steps on 24000 images: relative position is the slowest skill to learn, and it needs new images more
+    # than more passes over the same ones (docs/experiments.md).
     c.stage_overrides.finetune = ConfigDict(dict(
         total_steps=3000,
         pruning=dict(method="none"),
         # 4 questions per image (LLaVA-Instruct style)
         data=dict(source="shapes_vqa/multi", max_length=248, shapes_train_size=24000),
-        # The vision tower stays as stage 1 left it (as in LLaVA-1.5): trained here it lost much of the objects'
-        # places from its features, and the baselines then pruned as well as ATP or better.
+        # The vision tower stays as stage 1 left it (as in LLaVA-1.5), so its features keep where the objects are
+        # (docs/experiments.md).
         optim=dict(lr=1e-3, atp_lr=0.0, vision_lr=0.0)))
     c.stage_overrides.atp = ConfigDict(dict(
         total_steps=600,

@@ -16,10 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atp_jax.convert.checkpoint import read_converted, save_converted  # noqa: E402
 from atp_jax.convert.exporter import write_hf  # noqa: E402
-from atp_jax.convert.importer import assemble, convert_hf, flatten, unflatten  # noqa: E402
+from atp_jax.convert.importer import assemble, convert_hf  # noqa: E402
 from atp_jax.convert.readers import CheckpointError  # noqa: E402
 from atp_jax.fileio import storage_error  # noqa: E402
 from atp_jax.models.config import ConfigError  # noqa: E402
+from atp_jax.nested import flatten, unflatten  # noqa: E402
 
 
 def hf_to_jax(args) -> str:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from atp_jax.cli import Parser, enable_compilation_cache, user_message  # noqa: E402
 from atp_jax.eval.benchmarks import BENCHMARKS, EvalError  # noqa: E402
 from atp_jax.eval.runner import RESULTS, evaluate, format_table  # noqa: E402
-from atp_jax.infer.runner import DTYPES, MODES, PRUNE_METHODS, InferError, Parser  # noqa: E402
+from atp_jax.infer.runner import DTYPES, MODES, PRUNE_METHODS, InferError  # noqa: E402
 
 
 def build_parser() -> Parser:
@@ -48,17 +49,14 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.compilation_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        enable_compilation_cache(args.compilation_cache)
     try:
         results = evaluate(args.benchmark, args.questions, args.image_folder, args.output, args.checkpoint,
                            annotations=args.annotations, tokenizer_dir=args.tokenizer, prune=args.prune,
                            mode=args.mode, dtype=args.dtype, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, limit=args.limit)
     except (EvalError, InferError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; run the same command again to resume from {Path(args.output) / 'answers.jsonl'}",

@@ -19,8 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from atp_jax.cli import Parser, enable_compilation_cache, user_message  # noqa: E402
+from atp_jax.cli.infer import run_batch, run_single  # noqa: E402
 from atp_jax.infer.generate import Sampling  # noqa: E402
-from atp_jax.infer.runner import DTYPES, MODES, PRUNE_METHODS, InferError, Parser, run_batch, run_single  # noqa: E402
+from atp_jax.infer.runner import DTYPES, MODES, PRUNE_METHODS, InferError  # noqa: E402
 
 
 def build_parser() -> Parser:
@@ -66,10 +68,7 @@ def main(argv=None) -> int:
     if args.visualize and args.batch_file:
         parser.error("--visualize works with a single --image")
     if args.compilation_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        enable_compilation_cache(args.compilation_cache)
     common = dict(tokenizer_dir=args.tokenizer, prune=args.prune, mode=args.mode, dtype=args.dtype,
                   max_new_tokens=args.max_new_tokens, seed=args.seed, as_json=args.json,
                   sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p))
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
                              image_root=args.image_root, **common)
         return run_single(args.checkpoint, args.image, args.prompt, visualize=args.visualize, **common)
     except InferError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 from atp_jax import LlavaConfig, VisionConfig, forward, load_pretrained  # noqa: E402
 from atp_jax.convert.checkpoint import read_converted, save_converted  # noqa: E402
 from atp_jax.convert.exporter import write_hf  # noqa: E402
-from atp_jax.convert.importer import convert_hf, flatten, unflatten  # noqa: E402
+from atp_jax.convert.importer import convert_hf  # noqa: E402
+from atp_jax.nested import flatten, unflatten  # noqa: E402
 from atp_jax.testing.reference import hf_logits, random_inputs, save_hf_model  # noqa: E402
 
 TOLERANCE = 1e-4

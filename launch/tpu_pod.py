@@ -32,6 +32,10 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from atp_jax.cli import Parser  # noqa: E402
+
 # Where --copy puts the tarball on each worker (relative: in the home directory), just long enough to unpack it.
 REMOTE_TARBALL = "atp_jax_checkout.tar.gz"
 VENV_ACTIVATE = ".venv/bin/activate"
@@ -42,13 +46,6 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 class UsageError(Exception):
     """A mistake in how the launcher was called: reported in one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (exit 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> Parser:

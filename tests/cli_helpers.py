@@ -15,10 +15,11 @@ def tiny_checkpoint(d: Path, texts: list[str], context: int) -> Path:
     """A converted tiny LLaVA in `d`/ckpt whose vocabulary is a 400-piece tokenizer trained on `texts` and the
     conversation templates, plus <image> (400) and <pad> (401); `context` is its max_position_embeddings."""
     from atp_jax.convert.checkpoint import save_converted
-    from atp_jax.convert.importer import convert_hf, unflatten
+    from atp_jax.convert.importer import convert_hf
     from atp_jax.data.conversation import template_text
     from atp_jax.data.tokenizer import train_tokenizer
     from atp_jax.models.config import LlavaConfig
+    from atp_jax.nested import unflatten
     from atp_jax.testing.reference import save_hf_model
 
     train_tokenizer(texts + template_text() * 5, d / "tok", vocab_size=400)

@@ -14,8 +14,9 @@ from safetensors.numpy import save_file
 
 from atp_jax import forward, load_pretrained
 from atp_jax.convert.checkpoint import read_converted
-from atp_jax.convert.importer import convert_hf, flatten
+from atp_jax.convert.importer import convert_hf
 from atp_jax.convert.readers import CheckpointError
+from atp_jax.nested import flatten
 from atp_jax.testing.reference import hf_logits, random_inputs
 from launch.convert import main as convert_main
 

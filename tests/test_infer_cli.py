@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from atp_jax.infer import runner as rn
+from atp_jax.infer import text as tx
 from atp_jax.infer.visualize import GAP, PANEL, TITLE, draw_kept
 from tests.cli_helpers import finished, load_main, read_jsonl, run_main, tiny_checkpoint
 
@@ -175,24 +176,24 @@ def tokenizer(work):
 
 def test_stop_strings_cut_the_answer_and_its_tokens(tokenizer):
     ids = tokenizer("A cat sits on a red mat. USER: What is it?", add_special_tokens=False)["input_ids"]
-    tokens, answer = rn.cut_at_stop(ids, tokenizer)
+    tokens, answer = tx.cut_at_stop(ids, tokenizer)
     assert answer == "A cat sits on a red mat."
-    assert rn.decode(tokenizer, tokens).strip() == answer
-    assert rn.cut_at_stop(ids[:5], tokenizer)[0] == ids[:5]  # no stop string: every token
+    assert tx.decode(tokenizer, tokens).strip() == answer
+    assert tx.cut_at_stop(ids[:5], tokenizer)[0] == ids[:5]  # no stop string: every token
 
 
 def test_streaming_sends_exactly_the_final_answer(tokenizer):
     ids = tokenizer("The sky is blue.</s>USER: no", add_special_tokens=False)["input_ids"]
     pieces = []
-    watcher = rn.StopWatcher(tokenizer, eos_id=tokenizer.eos_token_id, rows=2, on_text=pieces.append)
+    watcher = tx.StopWatcher(tokenizer, eos_id=tokenizer.eos_token_id, rows=2, on_text=pieces.append)
     other = tokenizer("grass grass grass grass grass grass", add_special_tokens=False)["input_ids"]
     n = min(len(ids), len(other))
     stops = [watcher(np.array([ids[:k], other[:k]]), k) for k in range(1, n + 1)]
     assert stops[-1].tolist() == [True, False]  # the stop string ends row 0 only
-    tokens, answer = rn.cut_at_stop(ids, tokenizer)
+    tokens, answer = tx.cut_at_stop(ids, tokenizer)
     watcher.finish(answer)
     assert len(pieces) > 1 and "".join(pieces) == answer == "The sky is blue."
-    assert rn.streamable("hello US") == "hello" and rn.streamable(" a </") == "a"
+    assert tx.streamable("hello US") == "hello" and tx.streamable(" a </") == "a"
 
 
 def test_prompts_pad_to_a_multiple_of_64():
@@ -213,6 +214,30 @@ def test_draw_kept_dims_the_pruned_patches(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["k.png"]  # written atomically, nothing else left
     with pytest.raises(ValueError):
         draw_kept(image, [[0]], grid=4, layers=[1, 2], out_path=tmp_path / "x.png")
+
+
+def test_requests_are_answered_alone_or_batched_alike_and_bad_ones_get_their_error(work):
+    """The library's entry point: per-request settings, per-request errors in library terms (the command line
+    names the flag), and batched answers equal to single ones."""
+    from atp_jax.cli import user_message
+
+    runner = rn.load(work / "ckpt", prune="atp", mode="compact")
+    requests = [rn.Request(QUESTION, work / "rgb.jpg", max_new_tokens=5),
+                rn.Request(QUESTION, work / "gone.png", max_new_tokens=5),
+                rn.Request("Describe the image.", work / "l.png", max_new_tokens=5),
+                rn.Request(QUESTION, work / "rgb.jpg", max_new_tokens=0),
+                rn.Request("Is there a cat?", work / "rgba.png", max_new_tokens=3)]
+    results = dict(runner.answers(requests, batch_size=2))
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    assert isinstance(results[1], rn.InferError) and "gone.png" in str(results[1])
+    assert isinstance(results[3], rn.OptionError) and str(results[3]) == "max_new_tokens 0: must be at least 1"
+    assert user_message(results[3]) == "--max-new-tokens 0: must be at least 1"
+    for i in (0, 2, 4):  # 0 and 2 went as one batch, 4 alone (other settings)
+        alone = runner.answer([requests[i].question], [requests[i].image], requests[i].max_new_tokens)[0]
+        assert results[i]["token_ids"] == alone["token_ids"], i
+        assert results[i]["visual_tokens_per_layer"] == alone["visual_tokens_per_layer"], i
+    with pytest.raises(rn.OptionError, match="batch_size 0"):
+        list(runner.answers(requests, batch_size=0))
 
 
 # ---- through the command line ------------------------------------------------------------------------------

@@ -194,22 +194,6 @@ def test_progress_bar(capsys):
     assert capsys.readouterr() == ("", "")
 
 
-def test_step_timer_and_mfu():
-    ticks = iter([10.0, 12.0, 12.5])
-    timer = m.StepTimer(clock=lambda: next(ticks))
-    with pytest.raises(RuntimeError):
-        timer.lap()
-    timer.start()
-    assert timer.lap() == 2.0 and timer.tokens_per_s(4096) == 2048.0 and timer.samples_per_s(8) == 4.0
-    assert timer.lap() == 0.5 and timer.tokens_per_s(100, step_time_s=4.0) == 25.0
-    # 6 * params * tokens FLOPs: 7e9 params, 8192 tokens in 1.5 s on 8 chips of 275 TFLOP/s -> 10.4 %.
-    assert m.StepTimer.mfu(6 * 7e9 * 8192, 1.5, 8 * 275e12) == pytest.approx(0.104262, abs=1e-6)
-    assert m.StepTimer.mfu(1e15, 2.0, 1e15) == 0.5
-    assert m.StepTimer.mfu(1e15, 2.0, None) is None
-    with pytest.raises(ValueError):
-        m.StepTimer.mfu(1e15, 0.0, 1e15)
-
-
 def test_peak_flops_per_device():
     assert m.peak_flops_per_device() is None  # the CPU
     kind = types.SimpleNamespace

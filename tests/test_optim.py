@@ -23,7 +23,6 @@ from atp_jax.train.optim import (
     make_optimizer,
     path_labels,
     path_str,
-    trainable_filter,
 )
 
 ATP_LR, LLM_LR = 1e-4, 2e-5
@@ -196,18 +195,6 @@ def test_nnx_optimizer_integration(model):
     after = flat(nnx.state(model, nnx.Param))
     for path in before:
         assert np.array_equal(before[path], after[path]) == is_vision(path), path
-
-
-def test_trainable_filter_split(model, params):
-    """Splitting off the trainable params (so grads skip the frozen tower) leaves a tree the optimizer accepts."""
-    cfg = cfg_()
-    _, trainable, rest = nnx.split(model, trainable_filter(cfg), ...)
-    t, r = flat(trainable), flat(nnx.state(rest, nnx.Param))
-    assert t and not any(is_vision(p) for p in t)
-    assert set(r) == {p for p in flat(params) if is_vision(p)}
-    tx = make_optimizer(cfg, trainable)
-    updates, _ = jax.jit(tx.update)(random_like(trainable, seed=0), tx.init(trainable), trainable)
-    assert all(v.any() for v in flat(updates).values())
 
 
 # ---- learning rates --------------------------------------------------------------------------------------

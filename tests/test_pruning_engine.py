@@ -163,7 +163,7 @@ def numpy_last_token_attention(llava, ids, pixels, layer: int) -> np.ndarray:
     x = np.asarray(lm.run_layers(h, positions, None, 0, layer).h, np.float64)  # input of `layer`
     params = jax.tree.map(lambda a: np.asarray(a[layer], np.float64), nnx.to_pure_dict(nnx.state(lm.layers)))
     norm = x / np.sqrt((x**2).mean(-1, keepdims=True) + CFG.text.rms_norm_eps) * params["input_layernorm"]["weight"]
-    hd, n, kv = CFG.text.dim_per_head, CFG.text.num_attention_heads, CFG.text.num_key_value_heads
+    hd, n, kv = CFG.text.head_dim, CFG.text.num_attention_heads, CFG.text.num_key_value_heads
     q = (norm @ params["self_attn"]["q_proj"]["kernel"]).reshape(*x.shape[:2], n, hd)
     k = (norm @ params["self_attn"]["k_proj"]["kernel"]).reshape(*x.shape[:2], kv, hd)
     cos, sin = (np.asarray(a, np.float64)[:, :, None] for a in rope_cos_sin(CFG.text, positions))

@@ -65,14 +65,15 @@ class ServingCost:
         return max(p.total_bytes for p in self.programs)
 
 
-def serving_model(cfg: LlavaConfig, method: str, dtype: str = "bfloat16", pruning: dict | None = None
-                  ) -> PrunedLlava:
+def serving_model(cfg: LlavaConfig, method: str, dtype: str = "bfloat16", pruning: dict | None = None,
+                  attention: str = "auto") -> PrunedLlava:
     """The model `launch/infer.py` serves, as shapes only: weights in `dtype`, pruning by `method` with the
-    `pruning` fields (a run config's pruning section; the rest placed for the depth, as the trainer saves it)."""
+    `pruning` fields (a run config's pruning section; the rest placed for the depth, as the trainer saves it),
+    the prefill's `attention` implementation."""
     dt = jnp.dtype(dtype)
     pcfg = fit_to_depth(dict(pruning or {}) | {"method": method}, cfg.text.num_hidden_layers)
-    return nnx.eval_shape(lambda: PrunedLlava(LlavaForConditionalGeneration(cfg, policy=DtypePolicy(dt, dt),
-                                                                            rngs=nnx.Rngs(0)), pcfg, nnx.Rngs(1)))
+    return nnx.eval_shape(lambda: PrunedLlava(LlavaForConditionalGeneration(
+        cfg, policy=DtypePolicy(dt, dt), attention=attention, rngs=nnx.Rngs(0)), pcfg, nnx.Rngs(1)))
 
 
 def _with_sharding(tree):
@@ -125,8 +126,7 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
     if len(devices) % data or batch % data:
         raise ValueError(f"data={data} must divide the {len(devices)} devices and the batch {batch}")
     mesh = make_mesh(data=data, fsdp=1, tensor=len(devices) // data, devices=devices)
-    model = serving_model(cfg, method, dtype, pruning)
-    model.llava.language_model.attention = attention
+    model = serving_model(cfg, method, dtype, pruning, attention)
     pcfg, modules = model.pcfg, model.module_layers
     if method == "none":
         mode = "masked"  # nothing to compact: the plain prefill

@@ -125,7 +125,8 @@ def load_pretrained(path: str | Path, dtype=None, vision_src: str | Path | None 
     if is_converted(path):
         cfg, params = read_converted(path, dtype)
     elif (path / "config.json").is_file():
-        from atp_jax.convert.importer import convert_hf, unflatten
+        from atp_jax.convert.importer import convert_hf
+        from atp_jax.nested import unflatten
 
         cfg, flat, _ = convert_hf(path, dtype or jnp.float32, vision_src)
         params = unflatten(flat)

@@ -18,6 +18,7 @@ from atp_jax.models.common import DtypePolicy
 from atp_jax.models.config import LlavaConfig, text_from_hf_dict
 from atp_jax.models.llava import LlavaForConditionalGeneration
 from atp_jax.models.projector import Projector
+from atp_jax.nested import flatten
 
 # One checkpoint to read: its tensors, compiled rules [(regex, Rule, prefix)], and key patterns it may skip.
 Part = tuple[TensorSource, list, tuple[str, ...]]
@@ -188,22 +189,3 @@ def assemble(llm_src: str | Path, vision_src: str | Path, projector_type: str = 
     n = sum(v.size for v in out.values())
     summary = ImportSummary("llama+clip", len(assignments), skipped, n, sum(v.nbytes for v in out.values()), dtype.name)
     return cfg, out, summary
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        out.update(flatten(v, path + ".") if isinstance(v, dict) else {path: v})
-    return out
-
-
-def unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from atp_jax.data.conversation import SampleError
-from atp_jax.fileio import inside
+from atp_jax.fileio import LineError, inside, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,10 @@ def read_annotations(path: str | os.PathLike) -> list:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
         return entries
     entries = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON on line {n}: {e.msg}") from e
+    for n, entry in json_lines(path):
+        if isinstance(entry, LineError):
+            raise ValueError(f"{path}: line {n}: {entry}")
+        entries.append(entry)
     return entries
 
 

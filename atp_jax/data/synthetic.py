@@ -476,63 +476,145 @@ def _absent_pair(rng: np.random.Generator, specs: Sequence[tuple[str, str]], cfg
     return subkind, _choice(rng, cands[subkind])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# questions: per kind, a scene built around a drawn answer (`build`) and a question about a given scene (`ask`)
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a kind's `build` draws: the scene's (shape, colour) objects (the first ones are the question's),
+    the question's subkind, text and answer, and the direction the layout must make true (position, place)."""
+
+    specs: list[tuple[str, str]]
+    subkind: str
+    question: str
+    answer: str
+    direction: str | None = None
+
+
+def _build_color(rng: np.random.Generator, cfg: ShapesConfig) -> Built:
+    shapes, colors = cfg.shapes, cfg.color_names
+    shape, color = _choice(rng, shapes), _choice(rng, colors)
+    others = [s for s in shapes if s != shape]
+    n = _n_objects(rng, cfg, 1, 1 + len(others) * len(colors))
+    return Built([(shape, color)] + _pairs(rng, n - 1, others, colors), "color", color_question(shape), color)
+
+
+def _ask_color(rng: np.random.Generator, objs: list[Obj], cfg: ShapesConfig) -> tuple[str, str] | None:
+    single = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]  # a shape that occurs once
+    if not single:
+        return None
+    o = single[int(rng.integers(len(single)))]
+    return color_question(o.shape), o.color
+
+
+def _build_count(rng: np.random.Generator, cfg: ShapesConfig) -> Built:
+    shapes, colors = cfg.shapes, cfg.color_names
+    mode = _choice(rng, COUNT_MODES, cfg.count_weights)
+    if mode == "total":
+        k = _n_objects(rng, cfg)
+        return Built(_pairs(rng, k, shapes, colors), mode, count_question("total"), NUMBER_WORDS[k])
+    if mode == "shape":
+        target = _choice(rng, shapes)
+        k = int(rng.integers(cfg.max_shape_count + 1))
+        own = [(target, colors[int(i)]) for i in rng.choice(len(colors), size=k, replace=False)]
+        rest_shapes, rest_colors = [s for s in shapes if s != target], colors
+    else:
+        target = _choice(rng, colors)
+        k = int(rng.integers(cfg.max_color_count + 1))
+        own = [(shapes[int(i)], target) for i in rng.choice(len(shapes), size=k, replace=False)]
+        rest_shapes, rest_colors = shapes, [c for c in colors if c != target]
+    n = _n_objects(rng, cfg, max(k, 1), k + len(rest_shapes) * len(rest_colors))
+    specs = own + _pairs(rng, n - k, rest_shapes, rest_colors)
+    return Built(specs, mode, count_question(mode, target), NUMBER_WORDS[k])
+
+
+def _ask_count(rng: np.random.Generator, objs: list[Obj], cfg: ShapesConfig) -> tuple[str, str]:
+    mode = _choice(rng, COUNT_MODES, cfg.count_weights)
+    if mode == "total":
+        return count_question("total"), NUMBER_WORDS[len(objs)]
+    if mode == "shape":
+        target = _choice(rng, cfg.shapes)
+        return count_question("shape", target), NUMBER_WORDS[sum(o.shape == target for o in objs)]
+    target = _choice(rng, cfg.color_names)
+    return count_question("color", target), NUMBER_WORDS[sum(o.color == target for o in objs)]
+
+
+def _build_exist(rng: np.random.Generator, cfg: ShapesConfig) -> Built:
+    yes = bool(rng.random() < 0.5)
+    n = _n_objects(rng, cfg)
+    specs = _pairs(rng, n, cfg.shapes, cfg.color_names)
+    if yes:
+        subkind = "positive"
+        shape, color = specs[int(rng.integers(n))]
+    else:
+        subkind, (shape, color) = _absent_pair(rng, specs, cfg)
+    return Built(specs, subkind, exist_question(color, shape), "yes" if yes else "no")
+
+
+def _ask_exist(rng: np.random.Generator, objs: list[Obj], cfg: ShapesConfig) -> tuple[str, str]:
+    if rng.random() < 0.5:  # yes half of the time
+        o = objs[int(rng.integers(len(objs)))]
+        return exist_question(o.color, o.shape), "yes"
+    _, (shape, color) = _absent_pair(rng, sorted({(o.shape, o.color) for o in objs}), cfg)
+    return exist_question(color, shape), "no"
+
+
+def _build_position(rng: np.random.Generator, cfg: ShapesConfig) -> Built:
+    direction = _choice(rng, DIRECTIONS)
+    n = _n_objects(rng, cfg, 2, cfg.position_max_objects or None)
+    specs = _pairs(rng, n, cfg.shapes, cfg.color_names)
+    (sa, ca), (sb, cb) = specs[0], specs[1]
+    return Built(specs, "position", position_question((ca, sa), (cb, sb)), direction, direction)
+
+
+def _ask_position(rng: np.random.Generator, objs: list[Obj], cfg: ShapesConfig) -> tuple[str, str] | None:
+    if cfg.position_max_objects and len(objs) > cfg.position_max_objects:
+        return None
+    clear = [(a, b, d) for a in objs for b in objs if a is not b for d in DIRECTIONS
+             if _clear_relation(a, b, d, cfg)]  # a clearly separated pair
+    if not clear:
+        return None
+    a, b, d = clear[int(rng.integers(len(clear)))]
+    return position_question((a.color, a.shape), (b.color, b.shape)), d
+
+
+def _build_place(rng: np.random.Generator, cfg: ShapesConfig) -> Built:
+    direction = _choice(rng, DIRECTIONS)
+    specs = _pairs(rng, _n_objects(rng, cfg), cfg.shapes, cfg.color_names)
+    (sa, ca) = specs[0]
+    return Built(specs, "place", place_question((ca, sa)), direction, direction)
+
+
+def _ask_place(rng: np.random.Generator, objs: list[Obj], cfg: ShapesConfig) -> tuple[str, str] | None:
+    clear = [(o, d) for o in objs for d in DIRECTIONS if _clear_place(o, d, cfg)]
+    if not clear:
+        return None
+    o, d = clear[int(rng.integers(len(clear)))]
+    return place_question((o.color, o.shape)), d
+
+
+# kind -> (build, ask); the one place the question kinds branch.
+QUESTION_KINDS = {
+    "color": (_build_color, _ask_color),
+    "count": (_build_count, _ask_count),
+    "exist": (_build_exist, _ask_exist),
+    "position": (_build_position, _ask_position),
+    "place": (_build_place, _ask_place),
+}
+
+
+def _draw_kind(rng: np.random.Generator, cfg: ShapesConfig) -> str:
+    return _choice(rng, [k for k, _ in cfg.kind_weights], [w for _, w in cfg.kind_weights])
+
+
 def _vqa(rng: np.random.Generator, cfg: ShapesConfig) -> tuple[Scene, str, str, str, str]:
     """(scene, kind, subkind, question, answer), the answer drawn first and the scene built around it."""
-    kinds = [k for k, _ in cfg.kind_weights]
-    kind = _choice(rng, kinds, [w for _, w in cfg.kind_weights])
+    kind = _draw_kind(rng, cfg)
     bg = _background(rng, cfg)
-    shapes, colors = cfg.shapes, cfg.color_names
-    direction = None
-    if kind == "color":
-        shape, color = _choice(rng, shapes), _choice(rng, colors)
-        others = [s for s in shapes if s != shape]
-        n = _n_objects(rng, cfg, 1, 1 + len(others) * len(colors))
-        specs = [(shape, color)] + _pairs(rng, n - 1, others, colors)
-        subkind, question, answer = "color", color_question(shape), color
-    elif kind == "count":
-        subkind = _choice(rng, COUNT_MODES, cfg.count_weights)
-        if subkind == "total":
-            k = _n_objects(rng, cfg)
-            specs = _pairs(rng, k, shapes, colors)
-            question = count_question("total")
-        else:
-            if subkind == "shape":
-                target = _choice(rng, shapes)
-                k = int(rng.integers(cfg.max_shape_count + 1))
-                own = [(target, colors[int(i)]) for i in rng.choice(len(colors), size=k, replace=False)]
-                rest_shapes, rest_colors = [s for s in shapes if s != target], colors
-            else:
-                target = _choice(rng, colors)
-                k = int(rng.integers(cfg.max_color_count + 1))
-                own = [(shapes[int(i)], target) for i in rng.choice(len(shapes), size=k, replace=False)]
-                rest_shapes, rest_colors = shapes, [c for c in colors if c != target]
-            n = _n_objects(rng, cfg, max(k, 1), k + len(rest_shapes) * len(rest_colors))
-            specs = own + _pairs(rng, n - k, rest_shapes, rest_colors)
-            question = count_question(subkind, target)
-        answer = NUMBER_WORDS[k]
-    elif kind == "exist":
-        yes = bool(rng.random() < 0.5)
-        n = _n_objects(rng, cfg)
-        specs = _pairs(rng, n, shapes, colors)
-        if yes:
-            subkind = "positive"
-            shape, color = specs[int(rng.integers(n))]
-        else:
-            subkind, (shape, color) = _absent_pair(rng, specs, cfg)
-        question, answer = exist_question(color, shape), "yes" if yes else "no"
-    elif kind == "position":
-        direction = _choice(rng, DIRECTIONS)
-        n = _n_objects(rng, cfg, 2, cfg.position_max_objects or None)
-        specs = _pairs(rng, n, shapes, colors)
-        (sa, ca), (sb, cb) = specs[0], specs[1]
-        subkind, question, answer = "position", position_question((ca, sa), (cb, sb)), direction
-    else:  # place
-        direction = _choice(rng, DIRECTIONS)
-        specs = _pairs(rng, _n_objects(rng, cfg), shapes, colors)
-        (sa, ca) = specs[0]
-        subkind, question, answer = "place", place_question((ca, sa)), direction
-    scene = Scene(_layout(rng, cfg, specs, direction, in_image=kind == "place"), bg)
-    return scene, kind, subkind, question, answer
+    built = QUESTION_KINDS[kind][0](rng, cfg)
+    scene = Scene(_layout(rng, cfg, built.specs, built.direction, in_image=kind == "place"), bg)
+    return scene, kind, built.subkind, built.question, built.answer
 
 
 def _scene_question(rng: np.random.Generator, scene: Scene, cfg: ShapesConfig) -> tuple[str, str, str] | None:
@@ -540,44 +622,9 @@ def _scene_question(rng: np.random.Generator, scene: Scene, cfg: ShapesConfig) -
     question here, e.g. no clear relation, or more objects than `position_max_objects`). Answers are as balanced
     as the scene allows: exist is yes half of the time; colour asks about a shape that occurs once; position
     about a clearly separated pair."""
-    objs = scene.objects
-    present = {(o.shape, o.color) for o in objs}
-    kind = _choice(rng, [k for k, _ in cfg.kind_weights], [w for _, w in cfg.kind_weights])
-    if kind == "color":
-        single = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-        if not single:
-            return None
-        o = single[int(rng.integers(len(single)))]
-        return kind, color_question(o.shape), o.color
-    if kind == "count":
-        mode = _choice(rng, COUNT_MODES, cfg.count_weights)
-        if mode == "total":
-            return kind, count_question("total"), NUMBER_WORDS[len(objs)]
-        if mode == "shape":
-            target = _choice(rng, cfg.shapes)
-            return kind, count_question("shape", target), NUMBER_WORDS[sum(o.shape == target for o in objs)]
-        target = _choice(rng, cfg.color_names)
-        return kind, count_question("color", target), NUMBER_WORDS[sum(o.color == target for o in objs)]
-    if kind == "exist":
-        if rng.random() < 0.5:
-            o = objs[int(rng.integers(len(objs)))]
-            return kind, exist_question(o.color, o.shape), "yes"
-        _, (shape, color) = _absent_pair(rng, sorted(present), cfg)
-        return kind, exist_question(color, shape), "no"
-    if kind == "place":
-        clear = [(o, d) for o in objs for d in DIRECTIONS if _clear_place(o, d, cfg)]
-        if not clear:
-            return None
-        o, d = clear[int(rng.integers(len(clear)))]
-        return kind, place_question((o.color, o.shape)), d
-    if cfg.position_max_objects and len(objs) > cfg.position_max_objects:
-        return None
-    clear = [(a, b, d) for a in objs for b in objs if a is not b for d in DIRECTIONS
-             if _clear_relation(a, b, d, cfg)]
-    if not clear:
-        return None
-    a, b, d = clear[int(rng.integers(len(clear)))]
-    return kind, position_question((a.color, a.shape), (b.color, b.shape)), d
+    kind = _draw_kind(rng, cfg)
+    asked = QUESTION_KINDS[kind][1](rng, scene.objects, cfg)
+    return None if asked is None else (kind, *asked)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from atp_jax.eval.normalize import normalize_answer
-from atp_jax.fileio import bad_bytes, text_lines
+from atp_jax.fileio import LineError, json_lines
 
 KINDS = {"vqav2": "open", "gqa": "open", "textvqa": "open", "pope": "pope", "mme": "mme", "scienceqa": "choice",
          "mmbench": "choice"}
@@ -81,20 +81,18 @@ def read_jsonl(path: Path, flag: str) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line. A line that is not valid UTF-8 is skipped, reported on
     stderr with its number; bad JSON stops the read."""
     try:
-        lines = text_lines(path)
+        lines = json_lines(path)
     except FileNotFoundError as e:
         raise EvalError(f"{flag} {path}: no such file") from e
     except OSError as e:
         raise EvalError(f"{flag} {path}: cannot read it ({e.strerror})") from e
     items = []
-    for number, line in lines:
-        if isinstance(line, UnicodeDecodeError):
-            print(f"{path}:{number}: skipped: {bad_bytes(line)}", file=sys.stderr)
+    for number, item in lines:
+        if isinstance(item, LineError) and item.undecodable:
+            print(f"{path}:{number}: skipped: {item}", file=sys.stderr)
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if isinstance(item, LineError):
+            raise EvalError(f"{path}:{number}: {item}")
         if not isinstance(item, dict):
             raise EvalError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
         items.append((number, item))

@@ -23,7 +23,8 @@ from atp_jax.eval.benchmarks import (
     score,
 )
 from atp_jax.fileio import atomic_write_text, inside
-from atp_jax.infer.runner import InferError, Prompt, Runner, batches, load, warn_untrained
+from atp_jax.infer.runner import InferError, Prompt, Runner, batches, load, untrained_warning
+from atp_jax.nested import flatten
 from atp_jax.pruning.accounting import flops_ratio
 
 ANSWERS, RESULTS, RUN = "answers.jsonl", "results.json", "run.json"
@@ -195,7 +196,9 @@ def evaluate(benchmark: str, questions_file, image_folder, output, checkpoint, *
     skipped, pending = list(missing.values()), [q for q in pending if q.key not in missing]
     if pending:
         runner = load(checkpoint, tokenizer_dir, prune, mode, dtype)
-        warn_untrained(runner, prune)
+        warning = untrained_warning(runner)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         with tqdm(total=len(questions), initial=len(questions) - len(pending), desc=benchmark, unit="question",
                   file=sys.stderr, dynamic_ncols=True) as bar:
             new, failed = answer_questions(runner, pending, image_folder, output / ANSWERS, batch_size,
@@ -226,17 +229,6 @@ def summarize(benchmark: str, prune: str, mode: str, questions: Sequence[Questio
     return results
 
 
-def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """Nested metrics as ("categories/existence/score", value) rows."""
-    rows = []
-    for name, value in metrics.items():
-        if isinstance(value, dict):
-            rows += flatten(value, f"{prefix}{name}/")
-        else:
-            rows.append((f"{prefix}{name}", value))
-    return rows
-
-
 def format_table(results: dict) -> str:
     """A two-column table of a run's results for the terminal."""
     rows = [("benchmark", results["benchmark"]), ("prune", f"{results['prune']} ({results['mode']})"),
@@ -244,7 +236,7 @@ def format_table(results: dict) -> str:
             ("skipped", len(results["skipped"]))]
     if "without_image" in results:
         rows.append(("without image (not evaluated)", results["without_image"]))
-    rows += flatten(results["metrics"])
+    rows += list(flatten(results["metrics"], sep="/").items())
     rows += [("avg_visual_tokens", results["avg_visual_tokens"]), ("flops_ratio", results["flops_ratio"])]
     if "note" in results:
         rows.append(("note", results["note"]))

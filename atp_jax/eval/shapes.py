@@ -22,7 +22,8 @@ from atp_jax.data import synthetic
 from atp_jax.data.conversation import encode_prompt
 from atp_jax.data.images import preprocess
 from atp_jax.infer.generate import generate
-from atp_jax.infer.runner import cut_at_stop
+from atp_jax.infer.runner import pad_prompts
+from atp_jax.infer.text import cut_at_stop
 from atp_jax.pruning.accounting import flops_ratio
 from atp_jax.pruning.config import PruningConfig
 from atp_jax.pruning.decisions import module_layers
@@ -59,11 +60,7 @@ def build_test_set(shapes: synthetic.ShapesConfig, tokenizer, image_token_id: in
         pixels.append(preprocess(_image(s), image_size, mode="pad"))
         answers.append(s["answer"])
         kinds.append(s["kind"])
-    t = -(-max(len(r) for r in rows) // 8) * 8
-    ids = np.zeros((n, t), np.int32)
-    mask = np.zeros((n, t), bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = r, True
+    ids, mask = pad_prompts(rows, pad_id=0, multiple=8)
     return TestSet(ids, mask, np.stack(pixels), np.array([len(r) for r in rows]), answers, kinds, list(range(n)))
 
 

@@ -83,10 +83,6 @@ class TextConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     @property
-    def dim_per_head(self) -> int:
-        return self.head_dim
-
-    @property
     def rope_type(self) -> str:
         return dict(self.rope_scaling or ()).get("rope_type", "default")
 
@@ -244,7 +240,7 @@ class LlavaConfig:
             "text_config": {
                 "model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
                 **{k: val for k, val in dataclasses.asdict(t).items() if k not in ("rope_theta", "rope_scaling")},
-                "head_dim": t.dim_per_head, "rope_parameters": rope,
+                "head_dim": t.head_dim, "rope_parameters": rope,
             },
         }
 

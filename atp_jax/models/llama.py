@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from atp_jax.models.common import NEG_INF, DtypePolicy, attention, dense, scan_layers, stack_layers
+from atp_jax.models.common import IMPLEMENTATIONS, NEG_INF, DtypePolicy, attention, dense, scan_layers, stack_layers
 from atp_jax.models.config import ConfigError, TextConfig
 from atp_jax.sharding import shard
 
@@ -34,7 +34,7 @@ def rope_inv_freq(cfg: TextConfig) -> tuple[np.ndarray, float]:
     Computed in float32 step by step as transformers does, so that RoPE angles at long positions agree
     to the last bit (an ulp in a frequency is 1e-4 relative error at position 1000).
     """
-    dim = cfg.dim_per_head
+    dim = cfg.head_dim
     p = dict(cfg.rope_scaling or ())
     if p.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError("partial_rotary_factor != 1 is not supported")
@@ -90,7 +90,7 @@ def rope_cos_sin(cfg: TextConfig, positions: Int[Array, "B T"]) -> tuple[Float[A
     inv = jnp.asarray(inv)
     if cfg.rope_type == "dynamic":
         # HF's dynamic NTK: the base grows once the sequence exceeds max_position_embeddings.
-        p, dim, max_pos = dict(cfg.rope_scaling), cfg.dim_per_head, cfg.max_position_embeddings
+        p, dim, max_pos = dict(cfg.rope_scaling), cfg.head_dim, cfg.max_position_embeddings
         seq = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
         base = cfg.rope_theta * ((p["factor"] * seq / max_pos) - (p["factor"] - 1)) ** (dim / (dim - 2))
         inv = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
@@ -139,7 +139,7 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs):
-        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.cfg = cfg
         self.q_proj = dense(d, n * h, ("embed", "heads"), policy, rngs)
         self.k_proj = dense(d, k * h, ("embed", "kv_heads"), policy, rngs)
@@ -148,7 +148,7 @@ class Attention(nnx.Module):
 
     def qkv(self, x: Float[Array, "B T D"], cos, sin):
         b, t, _ = x.shape
-        h = self.cfg.dim_per_head
+        h = self.cfg.head_dim
         q = apply_rope(self.q_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, N, H]
         k = apply_rope(self.k_proj(x).reshape(b, t, -1, h), cos, sin)  # [B, T, K, H]
         return q, k, self.v_proj(x).reshape(b, t, -1, h)  # v: [B, T, K, H]
@@ -219,10 +219,14 @@ class LayersOutput:
 class LlamaDecoder(nnx.Module):
     """Embedding table, stacked decoder layers, final norm and LM head."""
 
-    def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, policy: DtypePolicy, rngs: nnx.Rngs, *, remat: bool = False,
+                 attention: str = "auto"):
+        """`remat`: recompute each layer's activations in the backward pass (training memory). `attention`: the
+        prefill's and training's attention implementation, "auto", "xla" or "pallas" (`common.attention`)."""
+        if attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation {attention!r}: expected one of {IMPLEMENTATIONS}")
         self.cfg, self.dtype = cfg, policy.dtype
-        self.remat = False  # training sets it: recompute layer activations in the backward pass
-        self.attention = "auto"  # the prefill's and training's attention: "auto", "xla" or "pallas" (common.py)
+        self.remat, self.attention = remat, attention
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=policy.dtype,
                                       param_dtype=policy.param_dtype,
                                       embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs)
@@ -247,7 +251,7 @@ class LlamaDecoder(nnx.Module):
         stop = self.cfg.num_hidden_layers if stop is None else stop
         cos, sin = rope_cos_sin(self.cfg, positions)
         b, t = h.shape[:2]
-        hd = self.cfg.dim_per_head
+        hd = self.cfg.head_dim
         # The last layer's queries and keys ride in the scan's carry (each layer overwrites them): taking the last
         # layer out of the loop instead copies its weights out of the stack and costs XLA:CPU ~4 ms a module on
         # the benchmark model. No layer reads the carried q and k, so remat saves nothing more for them; they

@@ -48,11 +48,13 @@ def merge_image_features(embeds: Float[Array, "B T D"], features: Float[Array, "
 
 
 class LlavaForConditionalGeneration(nnx.Module):
-    def __init__(self, cfg: LlavaConfig, *, policy: DtypePolicy = FLOAT32, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlavaConfig, *, policy: DtypePolicy = FLOAT32, remat: bool = False,
+                 attention: str = "auto", rngs: nnx.Rngs):
+        """`remat` and `attention`: how the decoder runs (`LlamaDecoder`); what it computes does not change."""
         self.config = cfg
         self.vision_tower = ClipVisionTower(cfg.vision, policy, rngs)
         self.multi_modal_projector = Projector(cfg, policy, rngs)
-        self.language_model = LlamaDecoder(cfg.text, policy, rngs)
+        self.language_model = LlamaDecoder(cfg.text, policy, rngs, remat=remat, attention=attention)
 
     def image_features(self, pixel_values: Float[Array, "B 3 I I"]) -> Float[Array, "B P D"]:
         cfg = self.config

@@ -57,7 +57,7 @@ def budget_losses(soft_counts: Float[Array, "B M"], module_layers: tuple[int, ..
 
 def decoder_layer_flops(cfg: TextConfig, n: float) -> float:
     """One LLaMA layer over n tokens: q/k/v/o projections, q.k^T and p.v over the full n x n square, SwiGLU."""
-    d, h, heads, kv = cfg.hidden_size, cfg.dim_per_head, cfg.num_attention_heads, cfg.num_key_value_heads
+    d, h, heads, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     projections = 2 * n * d * h * (2 * heads + 2 * kv)
     attention = 2 * 2 * n * n * heads * h
     mlp = 2 * 3 * n * d * cfg.intermediate_size

@@ -39,6 +39,18 @@ def config_from_dict(d: dict) -> PruningConfig:
     return PruningConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def write_config(directory: Path, pcfg: PruningConfig) -> None:
+    """The pruning config file of a checkpoint directory being written."""
+    (directory / CONFIG_FILE).write_text(json.dumps(config_to_dict(pcfg), indent=2))
+
+
+def save_thresholds(checkpointer, directory: Path, model: PrunedLlava) -> None:
+    """The threshold MLPs' parameters (if the model has any) through an orbax checkpointer, into a checkpoint
+    directory being written."""
+    if len(model.thresholds):
+        checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model.thresholds, nnx.Param)))
+
+
 def save_pruning(directory: str | Path, model: PrunedLlava) -> None:
     """Writes the pruning config and threshold-MLP parameters into `directory`, replacing earlier ones only
     once the new ones are complete."""
@@ -47,11 +59,10 @@ def save_pruning(directory: str | Path, model: PrunedLlava) -> None:
     directory = Path(directory).absolute()  # orbax writes absolute paths only
     staging = Path(tempfile.mkdtemp(prefix=".pruning.", dir=directory))
     try:
-        (staging / CONFIG_FILE).write_text(json.dumps(config_to_dict(model.pcfg), indent=2))
-        if len(model.thresholds):
-            with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(staging / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model.thresholds)))
-                checkpointer.wait_until_finished()
+        write_config(staging, model.pcfg)
+        with ocp.StandardCheckpointer() as checkpointer:
+            save_thresholds(checkpointer, staging, model)
+            checkpointer.wait_until_finished()
         for name in (PARAMS_DIR, CONFIG_FILE):
             if (directory / name).exists():
                 shutil.rmtree(directory / name) if (directory / name).is_dir() else (directory / name).unlink()

@@ -48,10 +48,7 @@ def set_aside(directory: str | Path) -> Path:
 
 
 def _key(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+    return jax.tree_util.keystr((k,), simple=True)
 
 
 def as_nested_dict(tree) -> dict:

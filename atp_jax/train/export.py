@@ -4,7 +4,6 @@ takes part (orbax writes sharded arrays from all hosts); process 0 writes the sm
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -36,16 +35,13 @@ def export_model(directory: str | Path, model: PrunedLlava, tokenizer_dir: str |
                              f"exporting the model to {directory}")
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model.llava, nnx.Param)))
-            if len(model.thresholds):
-                checkpointer.save(staging / pruning_checkpoint.PARAMS_DIR,
-                                  nnx.to_pure_dict(nnx.state(model.thresholds, nnx.Param)))
+            pruning_checkpoint.save_thresholds(checkpointer, staging, model)
             checkpointer.wait_until_finished()
         _sync("export: parameters written")
         if main:
             if tokenizer_dir is not None:
                 copy_sidecars(Path(tokenizer_dir), staging)
-            (staging / pruning_checkpoint.CONFIG_FILE).write_text(
-                json.dumps(pruning_checkpoint.config_to_dict(model.pcfg), indent=2))
+            pruning_checkpoint.write_config(staging, model.pcfg)
             model.llava.config.save(staging / CONFIG_FILE)
             replace_directory(staging, directory)
     finally:

@@ -19,8 +19,7 @@ import os
 import re
 import secrets
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -255,64 +254,6 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class StepTimer:
-    """Wall time per training step and the throughput derived from it.
-
-    JAX dispatches asynchronously: call `lap()` after blocking on the step's result (e.g. reading the loss),
-    or it measures dispatch, not compute. The first lap includes compilation; leave it out of averages.
-
-        timer = StepTimer(); timer.start()
-        for ...:
-            loss = float(train_step(...))      # blocks
-            dt = timer.lap()
-            timer.tokens_per_s(tokens_in_batch), timer.mfu(flops_per_step, dt, peak * jax.device_count())
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
-        self._clock = clock
-        self._last_time: float | None = None
-        self.last_step_s: float | None = None
-
-    def start(self) -> None:
-        """Start timing (again): after a pause (evaluation, checkpointing) so it is not counted as a step."""
-        self._last_time = self._clock()
-
-    def lap(self) -> float:
-        """Seconds since `start()` or the previous `lap()`; also kept as `last_step_s`."""
-        if self._last_time is None:
-            raise RuntimeError("StepTimer.lap() before start()")
-        now = self._clock()
-        self.last_step_s, self._last_time = now - self._last_time, now
-        return self.last_step_s
-
-    def _step_s(self, step_time_s: float | None) -> float:
-        t = self.last_step_s if step_time_s is None else step_time_s
-        if t is None or t <= 0:
-            raise ValueError(f"need a positive step time, got {t} (call lap() first or pass step_time_s)")
-        return t
-
-    def tokens_per_s(self, tokens: int, step_time_s: float | None = None) -> float:
-        """Tokens per second over one step (`step_time_s`, default the last lap)."""
-        return tokens / self._step_s(step_time_s)
-
-    def samples_per_s(self, samples: int, step_time_s: float | None = None) -> float:
-        """Samples (sequences) per second over one step (`step_time_s`, default the last lap)."""
-        return samples / self._step_s(step_time_s)
-
-    @staticmethod
-    def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_s: float | None) -> float | None:
-        """Model FLOPs utilisation: achieved FLOP/s over peak FLOP/s, a fraction (None when the peak is unknown).
-
-        `flops_per_step` and `peak_flops_per_s` must cover the same devices: the whole step's FLOPs against
-        ``peak_flops_per_device() * jax.device_count()``.
-        """
-        if peak_flops_per_s is None:
-            return None
-        if step_time_s <= 0 or peak_flops_per_s <= 0:
-            raise ValueError(f"step time and peak must be positive, got {step_time_s} s and {peak_flops_per_s}")
-        return flops_per_step / step_time_s / peak_flops_per_s
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:

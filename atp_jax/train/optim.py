@@ -57,11 +57,14 @@ DEFAULT_NO_DECAY: tuple[str, ...] = (
 )
 
 # The paper's groups: the ATP threshold MLPs learn 5x faster than the fine-tuned LLM and projector.
+# The model's parameter families, by path: the one place a path pattern names them.
+PATTERNS = {"atp": r"(^|/)thresholds/", "llm": r"(^|/)language_model/",
+            "projector": r"(^|/)multi_modal_projector/", "vision": r"(^|/)vision_tower/"}
 DEFAULT_GROUPS: tuple[tuple[str, float, tuple[str, ...]], ...] = (
-    ("atp", 1e-4, (r"(^|/)thresholds/",)),
-    ("llm", 2e-5, (r"(^|/)language_model/", r"(^|/)multi_modal_projector/")),
+    ("atp", 1e-4, (PATTERNS["atp"],)),
+    ("llm", 2e-5, (PATTERNS["llm"], PATTERNS["projector"])),
 )
-DEFAULT_FROZEN: tuple[str, ...] = (r"(^|/)vision_tower/",)
+DEFAULT_FROZEN: tuple[str, ...] = (PATTERNS["vision"],)
 
 _MAX_LISTED = 5  # unmatched paths named in the error message
 
@@ -158,21 +161,9 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _key_str(k: Any) -> str:
-    if isinstance(k, jax.tree_util.DictKey):
-        return str(k.key)
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx)
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return k.name
-    if isinstance(k, jax.tree_util.FlattenedIndexKey):
-        return str(k.key)
-    return str(k)
-
-
 def path_str(path: tuple) -> str:
     """'/'-joined form of a JAX key path, e.g. ``thresholds/0/head/kernel``."""
-    return "/".join(_key_str(k) for k in path)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def map_paths(fn: Callable[[str], Any], tree: Any) -> Any:
@@ -223,21 +214,6 @@ def path_labels(params: Any, cfg: OptimConfig) -> Any:
             f"Groups: {[(n, p) for n, _, p in cfg.groups]}; frozen: {cfg.frozen}"
         )
     return labels
-
-
-def trainable_filter(cfg: OptimConfig) -> Callable[[tuple, Any], bool]:
-    """An nnx filter selecting the `nnx.Param`s that are not frozen, e.g. to differentiate only those:
-
-        graphdef, trainable, rest = nnx.split(model, trainable_filter(cfg), ...)
-
-    so `jax.grad` never computes the (discarded) gradients of the frozen vision tower. The optimizer works on
-    such a trainable-only tree unchanged (its frozen branch is then simply empty).
-    """
-
-    def predicate(path: tuple, x: Any) -> bool:
-        return isinstance(x, nnx.Param) and label_of("/".join(map(str, path)), cfg) != FROZEN
-
-    return predicate
 
 
 def decay_mask(params: Any, cfg: OptimConfig) -> Any:

@@ -29,7 +29,7 @@ from atp_jax.models.llava import LlavaForConditionalGeneration
 from atp_jax.pruning.config import fit_to_depth
 from atp_jax.pruning.engine import PrunedLlava
 from atp_jax.sharding import DEFAULT_RULES, batch_sharding, param_shardings, tree_shardings
-from atp_jax.train.optim import FROZEN, OptimConfig, label_of, make_optimizer, map_paths
+from atp_jax.train.optim import FROZEN, PATTERNS, OptimConfig, label_of, make_optimizer, map_paths
 from atp_jax.train.step import Distill, TrainState, eval_step, train_step
 
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "pixel_values")
@@ -65,29 +65,28 @@ def build_model(config, vocab_size: int, image_token_id: int, abstract: bool = F
     `abstract=True`: the same model as shapes only (nothing allocated, nothing read but config files), for
     ahead-of-time compilation; a preset is then enough, without a checkpoint."""
     policy = DtypePolicy(param_dtype=jnp.float32, dtype=jnp.dtype(config.model.dtype))  # float32 master weights
+    run = dict(policy=policy, remat=bool(config.model.remat), attention=attention_implementation(config))
     if abstract:
         cfg = model_config(config, vocab_size, image_token_id)
-        llava = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, policy=policy, rngs=nnx.Rngs(0)))
+        llava = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, **run, rngs=nnx.Rngs(0)))
     elif config.model.init_from:
         from atp_jax.convert.checkpoint import load_pretrained
 
         stored, cfg = load_pretrained(config.model.init_from, dtype="float32")
-        llava = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, policy=policy, rngs=nnx.Rngs(0)))
+        llava = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, **run, rngs=nnx.Rngs(0)))
         nnx.update(llava, nnx.state(stored))
     elif config.model.preset:
         raise ValueError(f"model.init_from: a converted checkpoint is needed for preset {config.model.preset!r} "
                          "(see README: converting LLaVA-1.5)")
     else:
         cfg = model_config(config, vocab_size, image_token_id)
-        llava = LlavaForConditionalGeneration(cfg, policy=policy, rngs=nnx.Rngs(config.seed))
+        llava = LlavaForConditionalGeneration(cfg, **run, rngs=nnx.Rngs(config.seed))
         std = config.model.get("vision_position_std", 0.0)
         if std:
             emb = llava.vision_tower.position_embedding.embedding
             emb[...] = std * jax.random.normal(jax.random.key(config.seed + 2), emb.shape, emb.dtype)
     # Placed for this depth (baselines included), so the exported model runs every method as the report does.
     pcfg = fit_to_depth(config.pruning.to_dict(), llava.config.text.num_hidden_layers)
-    llava.language_model.remat = bool(config.model.remat)
-    llava.language_model.attention = attention_implementation(config)
     if abstract:
         return nnx.eval_shape(lambda: PrunedLlava(llava, pcfg, rngs=nnx.Rngs(config.seed + 1)))
     return PrunedLlava(llava, pcfg, rngs=nnx.Rngs(config.seed + 1))
@@ -107,8 +106,8 @@ def optim_config(config) -> OptimConfig:
     spans."""
     o = config.optim
     projector_lr = o.lr if o.projector_lr < 0 else o.projector_lr
-    rates = [("atp", o.atp_lr, r"^thresholds/"), ("llm", o.lr, r"language_model/"),
-             ("projector", projector_lr, r"multi_modal_projector/"), ("vision", o.vision_lr, r"vision_tower/")]
+    rates = [(name, lr, PATTERNS[name]) for name, lr in
+             (("atp", o.atp_lr), ("llm", o.lr), ("projector", projector_lr), ("vision", o.vision_lr))]
     groups = tuple((name, lr, (pattern,)) for name, lr, pattern in rates if lr > 0)
     frozen = tuple(pattern for _, lr, pattern in rates if lr <= 0)
     # The schedule counts optimizer updates; the config's total_steps counts train-step calls (micro-batches).

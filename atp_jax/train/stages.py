@@ -17,6 +17,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from atp_jax.convert.checkpoint import CONFIG_FILE
+from atp_jax.nested import flatten
 from atp_jax.train.metrics import CONFIG_FILE as RUN_CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -68,16 +69,6 @@ def finished(stage_dir: Path) -> bool:
     return (stage_dir / "model" / CONFIG_FILE).is_file()
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def changed_fields(stage_dir: Path, config: ConfigDict, ignore: tuple[str, ...] = RUN_FIELDS) -> list[str]:
     """'field: saved -> now' for each field outside `ignore` in which `config` differs from the config the run in
     `stage_dir` saved (none when it saved none). A field the saved config lacks compares as its value in
@@ -85,8 +76,8 @@ def changed_fields(stage_dir: Path, config: ConfigDict, ignore: tuple[str, ...] 
     path = stage_dir / RUN_CONFIG_FILE  # the trainer writes it when the run starts
     if not path.is_file():
         return []
-    before = _flat(json.loads(path.read_text()))
-    now = _flat(json.loads(json.dumps(config.to_dict(), default=str)))  # as the trainer saves it
+    before = flatten(json.loads(path.read_text()))
+    now = flatten(json.loads(json.dumps(config.to_dict(), default=str)))  # as the trainer saves it
     before = {**{k: v for k, v in ADDED_FIELDS.items() if k in now}, **before}
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
             if before.get(k) != now.get(k) and not any(k == f or k.startswith(f + ".") for f in ignore)]

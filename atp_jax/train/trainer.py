@@ -25,7 +25,7 @@ from atp_jax.sharding import DEFAULT_RULES, global_batch, make_mesh, use_mesh
 from atp_jax.train import checkpointing, data
 from atp_jax.train.export import export_model
 from atp_jax.train.metrics import MetricWriter, Progress, peak_flops_per_device
-from atp_jax.train.optim import learning_rates
+from atp_jax.train.optim import describe, learning_rates
 from atp_jax.train.program import build_model, model_inputs, teacher_model, train_program
 from atp_jax.train.workdir_lock import workdir_lock
 
@@ -86,6 +86,7 @@ def _train(config, workdir: Path, start_fresh: bool) -> dict:
     writer.write_config(config.to_dict())
     if is_main:
         log.info("model: %s; mesh %s; resuming at step %d", cfg.text, dict(mesh.shape), start)
+        log.info("optimizer: %s", describe(ocfg, state.params))
 
     # The state keeps its shardings from step to step (donated in place); batches come placed by global_batch.
     step_fn, eval_fn = program.step, program.eval

@@ -1,0 +1,79 @@
+"""The answer's text: where it stops (EOS or a stop string) and what of a growing answer is safe to stream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+STOP_STRINGS = ("</s>", "USER:")  # the vicuna_v1 turn ends; a model that runs on into a new turn is cut there
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def stop_index(text: str) -> int | None:
+    """Where the first stop string starts in `text`, or None."""
+    found = [i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0]
+    return min(found) if found else None
+
+
+def cut_at_stop(tokens: list[int], tokenizer) -> tuple[list[int], str]:
+    """(the answer's tokens, the answer's stripped text): the text up to the first stop string, and the longest
+    prefix of `tokens` whose text ends before it (a token that reaches into the stop string is dropped)."""
+    text = decode(tokenizer, tokens)
+    cut = stop_index(text)
+    if cut is None:
+        return list(tokens), text.strip()
+    n = len(tokens)
+    while n > 0 and len(decode(tokenizer, tokens[:n])) > cut:
+        n -= 1
+    return list(tokens[:n]), text[:cut].strip()
+
+
+def streamable(text: str) -> str:
+    """The part of a growing answer that is safe to print: without trailing whitespace (the final answer is
+    stripped), an unfinished UTF-8 character, or an ending that may become a stop string."""
+    text = text.lstrip().rstrip().rstrip("\ufffd")
+    longest = max(len(s) for s in STOP_STRINGS) - 1
+    for k in range(min(longest, len(text)), 0, -1):
+        if any(s.startswith(text[-k:]) for s in STOP_STRINGS):
+            return text[:-k].rstrip()
+    return text
+
+
+class StopWatcher:
+    """generate()'s `on_tokens` callback: stops a row once its text holds a stop string and streams the text
+    of a batch of one through `on_text(new_text)` (the whole row is decoded each time; the new suffix is sent)."""
+
+    def __init__(self, tokenizer, eos_id: int, rows: int, on_text: Callable[[str], None] | None = None):
+        self.tokenizer, self.eos_id, self.on_text = tokenizer, eos_id, on_text
+        self.stopped = np.zeros(rows, bool)
+        self.sent = ""
+
+    def __call__(self, tokens: np.ndarray, n: int) -> np.ndarray:
+        """tokens: int32[B, n] generated so far. Returns bool[B]: rows to stop."""
+        for b in np.flatnonzero(~self.stopped):
+            row = tokens[b].tolist()
+            if self.eos_id in row:  # finished by EOS; generate() already stops it
+                row = row[:row.index(self.eos_id)]
+                self.stopped[b] = True
+            text = decode(self.tokenizer, row)
+            cut = stop_index(text)
+            if cut is not None:
+                self.stopped[b], text = True, text[:cut]
+            if self.on_text is not None and b == 0:
+                self._send(streamable(text))
+        return self.stopped.copy()
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def finish(self, answer: str) -> None:
+        """Sends what is left of the final answer."""
+        if answer.startswith(self.sent) and len(answer) > len(self.sent):
+            self.on_text(answer[len(self.sent):])
+        self.sent = answer
