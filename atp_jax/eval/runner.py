@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from atp_jax.eval.benchmarks import (
@@ -23,7 +23,7 @@ from atp_jax.eval.benchmarks import (
     score,
 )
 from atp_jax.fileio import atomic_write_text, inside
-from atp_jax.infer.runner import InferError, Prompt, Runner, batches, load, untrained_warning
+from atp_jax.infer.runner import InferError, Request, Runner, load, untrained_warning
 from atp_jax.nested import flatten
 from atp_jax.pruning.accounting import flops_ratio
 
@@ -116,20 +116,10 @@ def unusable_images(questions: Sequence[Question], image_folder: Path) -> list[Q
     return unusable
 
 
-def prepared(runner: Runner, questions: Sequence[Question], image_folder: Path, max_new_tokens: int,
-             report) -> Iterator[tuple[Question, Prompt]]:
-    """The questions whose image and prompt are fine; each other one goes to `report(question, message)`."""
-    for q in questions:
-        try:
-            yield q, runner.prepare(q.prompt, image_folder / q.image, max_new_tokens)
-        except InferError as e:
-            report(q, str(e))
-
-
 def answer_questions(runner: Runner, questions: Sequence[Question], image_folder: Path, answers_path: Path,
                      batch_size: int, max_new_tokens: int, bar) -> tuple[dict[str, dict], list]:
-    """Answers `questions` greedily, `batch_size` at a time, appending each batch's lines to `answers_path`.
-    Returns (new answer lines by key, ids of the questions skipped for a bad image or prompt)."""
+    """Answers `questions` greedily, `batch_size` at a time, appending each answer's line to `answers_path` as it
+    comes. Returns (new answer lines by key, ids of the questions skipped for a bad image or prompt)."""
     from tqdm import tqdm
 
     new, skipped = {}, []
@@ -139,17 +129,19 @@ def answer_questions(runner: Runner, questions: Sequence[Question], image_folder
         tqdm.write(f"question_id {q.id!r}: skipped: {message}", file=sys.stderr)
         bar.update(1)
 
+    requests = [Request(q.prompt, image_folder / q.image, max_new_tokens) for q in questions]
     with open(answers_path, "a", encoding="utf-8") as f:
-        for batch in batches(prepared(runner, questions, image_folder, max_new_tokens, report), batch_size):
-            prompts = [p for _, p in batch]
-            prompts += prompts[-1:] * (batch_size - len(batch))  # a short last batch reuses the compiled shape
-            results = runner.run(prompts, max_new_tokens)
-            rows = [answer_row(q, r, runner) for (q, _), r in zip(batch, results, strict=False)]
-            f.write("".join(json.dumps(row) + "\n" for row in rows))
+        for index, result in runner.answers(requests, batch_size, fill_batches=True):
+            q = questions[index]
+            if isinstance(result, InferError):
+                report(q, str(result))
+                continue
+            row = answer_row(q, result, runner)
+            f.write(json.dumps(row) + "\n")
             f.flush()
-            os.fsync(f.fileno())
-            new.update({q.key: row for (q, _), row in zip(batch, rows, strict=True)})
-            bar.update(len(batch))
+            os.fsync(f.fileno())  # a killed run resumes after its last written line
+            new[q.key] = row
+            bar.update(1)
     return new, skipped
 
 

@@ -160,17 +160,23 @@ class Runner:
         prompts = [self.prepare(q, im, max_new_tokens) for q, im in zip(questions, images, strict=True)]
         return self.run(prompts, max_new_tokens, sampling, seed, on_text)
 
-    def answers(self, requests: Iterable[Request], batch_size: int = 8) -> Iterator[tuple[int, dict | InferError]]:
+    def answers(self, requests: Iterable[Request], batch_size: int = 8, fill_batches: bool = False
+                ) -> Iterator[tuple[int, dict | InferError]]:
         """Answers `requests`: yields (index, result or InferError) for each one. A request whose image or prompt
         is bad yields its error at once; the others are answered in batches of up to `batch_size` consecutive
-        requests with the same settings, and yielded in their order when their batch is done."""
+        requests with the same settings, and yielded in their order when their batch is done. `fill_batches`:
+        a short batch is filled up with copies of its last prompt, so that every batch runs the programs
+        compiled for `batch_size` (answers do not depend on what a prompt is batched with)."""
         if batch_size < 1:
             raise OptionError("batch_size", f"{batch_size}: must be at least 1")
         pending: list[tuple[int, Prompt]] = []
         settings = None
 
         def flush():
-            results = self.run([p for _, p in pending], *settings)
+            prompts = [p for _, p in pending]
+            if fill_batches:
+                prompts += prompts[-1:] * (batch_size - len(prompts))
+            results = self.run(prompts, *settings)[:len(pending)]
             done = [(i, r) for (i, _), r in zip(pending, results, strict=True)]
             pending.clear()
             return done
@@ -301,14 +307,3 @@ def pad_prompts(rows: Sequence[np.ndarray], pad_id: int, multiple: int) -> tuple
     for i, row in enumerate(rows):
         ids[i, :len(row)], mask[i, :len(row)] = row, True
     return ids, mask
-
-
-def batches(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
