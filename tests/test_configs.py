@@ -12,6 +12,7 @@ CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "llava15")
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_builds_its_optimizer(name):
     from atp_jax.pruning.config import PruningConfig
+    from atp_jax.train.optim import PATTERNS
     from atp_jax.train.program import optim_config
 
     config = importlib.import_module(f"configs.{name}").get_config()
@@ -23,7 +24,7 @@ def test_config_loads_and_builds_its_optimizer(name):
     PruningConfig(**{k: tuple(v) if isinstance(v, list | tuple) else v
                                   for k, v in config.pruning.to_dict().items()})
     if name.startswith("llava15"):
-        assert config.mesh.fsdp == -1 and config.model.remat and r"vision_tower/" in ocfg.frozen
+        assert config.mesh.fsdp == -1 and config.model.remat and PATTERNS["vision"] in ocfg.frozen
         if "pretrain" in name:  # stage 1: the projector alone
             assert [g[0] for g in ocfg.groups] == ["atp", "projector"] and r"language_model/" in ocfg.frozen
         if name.endswith("atp"):
@@ -40,6 +41,7 @@ def test_full_size_configs_need_a_checkpoint():
 
 def test_every_stage_of_the_main_job_is_a_valid_run(tmp_path):
     from atp_jax.pruning.config import PruningConfig
+    from atp_jax.train.optim import PATTERNS
     from atp_jax.train.program import optim_config
     from atp_jax.train.stages import stage_configs
 
