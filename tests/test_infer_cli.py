@@ -184,15 +184,20 @@ def test_stop_strings_cut_the_answer_and_its_tokens(tokenizer):
 
 def test_streaming_sends_exactly_the_final_answer(tokenizer):
     ids = tokenizer("The sky is blue.</s>USER: no", add_special_tokens=False)["input_ids"]
-    pieces = []
-    watcher = tx.StopWatcher(tokenizer, eos_id=tokenizer.eos_token_id, rows=2, on_text=pieces.append)
+    pieces = {0: [], 1: []}
+    watcher = tx.StopWatcher(tokenizer, eos_id=tokenizer.eos_token_id, rows=2,
+                             on_text=lambda b, text: pieces[b].append(text))
     other = tokenizer("grass grass grass grass grass grass", add_special_tokens=False)["input_ids"]
     n = min(len(ids), len(other))
     stops = [watcher(np.array([ids[:k], other[:k]]), k) for k in range(1, n + 1)]
     assert stops[-1].tolist() == [True, False]  # the stop string ends row 0 only
-    tokens, answer = tx.cut_at_stop(ids, tokenizer)
-    watcher.finish(answer)
-    assert len(pieces) > 1 and "".join(pieces) == answer == "The sky is blue."
+    for b, row in enumerate((ids, other[:n])):
+        _, answer = tx.cut_at_stop(row, tokenizer)
+        watcher.finish(b, answer)
+        assert len(pieces[b]) > 1 and "".join(pieces[b]) == answer  # each row streams its own answer
+    assert "".join(pieces[0]) == "The sky is blue."
+    # A stop string of the request's own cuts as the conversation's do, and holds back what may become one.
+    assert tx.cut_at_stop(ids, tokenizer, stops=(" is",))[1] == "The sky"
     assert tx.streamable("hello US") == "hello" and tx.streamable(" a </") == "a"
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from atp_jax.infer.generate import Generation, Sampling, generate
-from atp_jax.infer.text import StopWatcher, cut_at_stop
+from atp_jax.infer.text import STOP_STRINGS, StopWatcher, cut_at_stop
 from atp_jax.pruning.engine import PrunedLlava
 
 PRUNE_METHODS = ("atp", "fastv", "pdrop", "random", "none")
@@ -136,17 +136,23 @@ class Runner:
         return Prompt(ids, pixels)
 
     def run(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = GREEDY, seed: int = 0,
-            on_text: Callable[[str], None] | None = None) -> list[dict]:
-        """Answers prepared prompts as one batch; `on_text(new_text)` streams the answer of a batch of one."""
+            on_text: Callable[[str], None] | None = None, *, on_row_text: Callable[[int, str], None] | None = None,
+            stops: Sequence[str] = (), cancelled: Callable[[], np.ndarray] | None = None) -> list[dict]:
+        """Answers prepared prompts as one batch. Streaming: `on_text(new_text)` for a batch of one, or
+        `on_row_text(row, new_text)` for every row. `stops`: stop strings beyond the conversation's own.
+        `cancelled()`: a bool per row, True where nobody waits for the answer any more (its decoding stops)."""
         check_options(max_new_tokens, sampling)
+        if on_text is not None and len(prompts) == 1:
+            on_row_text = on_row_text or (lambda b, text: on_text(text))
+        stops = STOP_STRINGS + tuple(stops)
         ids, mask = pad_prompts([p.input_ids for p in prompts], self.pad_id, PAD_MULTIPLE)
         pixels = np.stack([p.pixels for p in prompts])
-        watcher = StopWatcher(self.tokenizer, self.eos_id, len(prompts), on_text if len(prompts) == 1 else None)
+        watcher = StopWatcher(self.tokenizer, self.eos_id, len(prompts), on_row_text, stops, cancelled)
         gen = generate(self.pruned, ids, pixels, mask, max_new_tokens=max_new_tokens, sampling=sampling,
                        eos_id=self.eos_id, seed=seed, mode=self.mode, chunk=DECODE_CHUNK, on_tokens=watcher)
-        results = [self._result(gen, b, len(p.input_ids)) for b, p in enumerate(prompts)]
-        if watcher.on_text is not None:
-            watcher.finish(results[0]["answer"])
+        results = [self._result(gen, b, len(p.input_ids), stops, max_new_tokens) for b, p in enumerate(prompts)]
+        for b, result in enumerate(results):
+            watcher.finish(b, result["answer"])
         return results
 
     def answer(self, questions: Sequence[str], images: Sequence, max_new_tokens: int = 128,
@@ -198,8 +204,10 @@ class Runner:
         if pending:
             yield from flush()
 
-    def _result(self, gen: Generation, b: int, prompt_tokens: int) -> dict:
-        token_ids, answer = cut_at_stop(gen.row(b), self.tokenizer)
+    def _result(self, gen: Generation, b: int, prompt_tokens: int, stops: Sequence[str], max_new_tokens: int
+                ) -> dict:
+        row = gen.row(b)
+        token_ids, answer = cut_at_stop(row, self.tokenizer, stops)
         per_layer = [int(round(x)) for x in gen.visual_per_layer[b]]
         decode_steps = gen.tokens.shape[1] - 1  # every row advances one token per step of the batch
         return {
@@ -211,6 +219,8 @@ class Runner:
             "ttft_s": gen.ttft_s,
             "decode_tokens_per_s": decode_steps / gen.decode_s if decode_steps and gen.decode_s > 0 else 0.0,
             "kept": [np.flatnonzero(k > 0.5).tolist() for k in gen.keep[b]],
+            # "length": the budget ran out before an end of sequence or a stop string
+            "finish_reason": "length" if len(row) >= max_new_tokens and len(token_ids) == len(row) else "stop",
         }
 
 

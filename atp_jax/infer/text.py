@@ -13,17 +13,17 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def stop_index(text: str) -> int | None:
+def stop_index(text: str, stops: Sequence[str] = STOP_STRINGS) -> int | None:
     """Where the first stop string starts in `text`, or None."""
-    found = [i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0]
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
 
 
-def cut_at_stop(tokens: list[int], tokenizer) -> tuple[list[int], str]:
+def cut_at_stop(tokens: list[int], tokenizer, stops: Sequence[str] = STOP_STRINGS) -> tuple[list[int], str]:
     """(the answer's tokens, the answer's stripped text): the text up to the first stop string, and the longest
     prefix of `tokens` whose text ends before it (a token that reaches into the stop string is dropped)."""
     text = decode(tokenizer, tokens)
-    cut = stop_index(text)
+    cut = stop_index(text, stops)
     if cut is None:
         return list(tokens), text.strip()
     n = len(tokens)
@@ -32,48 +32,53 @@ def cut_at_stop(tokens: list[int], tokenizer) -> tuple[list[int], str]:
     return list(tokens[:n]), text[:cut].strip()
 
 
-def streamable(text: str) -> str:
+def streamable(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
     """The part of a growing answer that is safe to print: without trailing whitespace (the final answer is
     stripped), an unfinished UTF-8 character, or an ending that may become a stop string."""
     text = text.lstrip().rstrip().rstrip("\ufffd")
-    longest = max(len(s) for s in STOP_STRINGS) - 1
+    longest = max(len(s) for s in stops) - 1
     for k in range(min(longest, len(text)), 0, -1):
-        if any(s.startswith(text[-k:]) for s in STOP_STRINGS):
+        if any(s.startswith(text[-k:]) for s in stops):
             return text[:-k].rstrip()
     return text
 
 
 class StopWatcher:
-    """generate()'s `on_tokens` callback: stops a row once its text holds a stop string and streams the text
-    of a batch of one through `on_text(new_text)` (the whole row is decoded each time; the new suffix is sent)."""
+    """generate()'s `on_tokens` callback: stops a row once its text holds a stop string (or `cancelled()` says
+    so: a client gone) and streams each row's text through `on_text(row, new_text)` (the whole row is decoded
+    each time; the new suffix is sent)."""
 
-    def __init__(self, tokenizer, eos_id: int, rows: int, on_text: Callable[[str], None] | None = None):
-        self.tokenizer, self.eos_id, self.on_text = tokenizer, eos_id, on_text
+    def __init__(self, tokenizer, eos_id: int, rows: int, on_text: Callable[[int, str], None] | None = None,
+                 stops: Sequence[str] = STOP_STRINGS, cancelled: Callable[[], np.ndarray] | None = None):
+        self.tokenizer, self.eos_id, self.on_text, self.stops = tokenizer, eos_id, on_text, tuple(stops)
+        self.cancelled = cancelled
         self.stopped = np.zeros(rows, bool)
-        self.sent = ""
+        self.sent = [""] * rows
 
     def __call__(self, tokens: np.ndarray, n: int) -> np.ndarray:
         """tokens: int32[B, n] generated so far. Returns bool[B]: rows to stop."""
+        if self.cancelled is not None:
+            self.stopped |= self.cancelled()
         for b in np.flatnonzero(~self.stopped):
             row = tokens[b].tolist()
             if self.eos_id in row:  # finished by EOS; generate() already stops it
                 row = row[:row.index(self.eos_id)]
                 self.stopped[b] = True
             text = decode(self.tokenizer, row)
-            cut = stop_index(text)
+            cut = stop_index(text, self.stops)
             if cut is not None:
                 self.stopped[b], text = True, text[:cut]
-            if self.on_text is not None and b == 0:
-                self._send(streamable(text))
+            if self.on_text is not None:
+                self._send(b, streamable(text, self.stops))
         return self.stopped.copy()
 
-    def _send(self, text: str) -> None:
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            self.on_text(text[len(self.sent):])
-            self.sent = text
+    def _send(self, b: int, text: str) -> None:
+        if len(text) > len(self.sent[b]) and text.startswith(self.sent[b]):
+            self.on_text(b, text[len(self.sent[b]):])
+            self.sent[b] = text
 
-    def finish(self, answer: str) -> None:
-        """Sends what is left of the final answer."""
-        if answer.startswith(self.sent) and len(answer) > len(self.sent):
-            self.on_text(answer[len(self.sent):])
-        self.sent = answer
+    def finish(self, b: int, answer: str) -> None:
+        """Sends what is left of row `b`'s final answer."""
+        if self.on_text is not None and answer.startswith(self.sent[b]) and len(answer) > len(self.sent[b]):
+            self.on_text(b, answer[len(self.sent[b]):])
+        self.sent[b] = answer

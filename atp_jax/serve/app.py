@@ -1,0 +1,162 @@
+"""The OpenAI-compatible HTTP server: `create_app(runner, ...)` is a FastAPI app over one loaded model.
+
+    POST /v1/chat/completions   a question about one image; `stream: true` answers in server-sent events
+    GET  /v1/models             the one model served
+    GET  /health                {"status": "ok"}
+    GET  /metrics               Prometheus text: requests by status, TTFT and latency, tokens, kept visual tokens
+
+Requests are answered by a `Batcher` (requests that arrive together share a prefill and a decode). Errors come
+as OpenAI-style bodies: 400 for a bad request, 401 for a wrong API key, 404 for an unknown model, 503 with
+Retry-After when the queue is full, 504 when the answer took longer than the request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from atp_jax.infer.runner import InferError, Runner
+from atp_jax.pruning.accounting import flops_ratio
+from atp_jax.serve import chat
+from atp_jax.serve.batcher import Batcher, Busy, Job
+from atp_jax.serve.metrics import ServerMetrics
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    model_name: str
+    api_key: str | None = None
+    image_dir: Path | None = None  # local image paths are allowed under it (None: data URLs only)
+    max_batch: int = 8
+    max_queue: int = 64
+    batch_window_s: float = 0.01
+    timeout_s: float = 300.0
+    retry_after_s: int = 1
+
+
+def _error(e: chat.ApiError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
+    app = FastAPI(title="atp_jax", docs_url=None, redoc_url=None)
+    batcher = Batcher(runner, options.max_batch, options.max_queue, options.batch_window_s)
+    metrics = ServerMetrics()
+    app.state.batcher, app.state.metrics = batcher, metrics
+    models = (options.model_name,)
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if options.api_key is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
+                return _error(chat.ApiError(401, "incorrect API key", code="invalid_api_key",
+                                            kind="authentication_error"))
+        response = await call_next(request)
+        if request.url.path == "/v1/chat/completions":
+            metrics.requests.labels(str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4")
+
+    def record(job: Job, result: dict) -> None:
+        now = time.monotonic()
+        metrics.answered(result, job.started - job.arrived + result["ttft_s"], now - job.arrived)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "atp_jax"}
+                                           for name in models]}
+
+    def ratio(result: dict) -> float:
+        text = result["prompt_tokens"] - runner.num_image_tokens
+        return flops_ratio(runner.config, result["visual_tokens_per_layer"], text)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return _error(chat.ApiError(400, f"the request body is not valid JSON: {e}"))
+        try:
+            req = chat.parse(body, models, options.image_dir)
+            prompt = await run_in_threadpool(runner.prepare, req.question, req.image, req.max_tokens)
+        except chat.ApiError as e:
+            return _error(e)
+        except InferError as e:
+            return _error(chat.ApiError(400, str(e), "messages"))
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_text(text: str) -> None:  # on the batcher's thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        job = Job(prompt, req.max_tokens, req.sampling, req.seed, req.stops,
+                  deadline=time.monotonic() + options.timeout_s, on_text=on_text if req.stream else None)
+        try:
+            batcher.submit(job)
+        except Busy:
+            return _error(chat.ApiError(503, "the server is busy: too many requests waiting; retry later",
+                                        code="server_busy", kind="server_error"),
+                          headers={"Retry-After": str(options.retry_after_s)})
+        cid = chat.completion_id()
+        if req.stream:
+            return StreamingResponse(_stream(job, pieces, cid, body["model"], req.include_usage, ratio, record),
+                                     media_type="text/event-stream")
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(job.done), options.timeout_s)
+        except TimeoutError:
+            job.cancelled.set()
+            return _error(chat.ApiError(504, f"no answer within {options.timeout_s:g} s", kind="timeout"))
+        except asyncio.CancelledError:  # the client went away
+            job.cancelled.set()
+            raise
+        record(job, result)
+        return chat.completion(cid, body["model"], result, ratio(result))
+
+    return app
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _stream(job: Job, pieces: asyncio.Queue, cid: str, model: str, include_usage: bool, ratio, record):
+    """The server-sent events of a streamed answer: the role, the text as it is decoded, the finish reason
+    with ATP's extension (and the usage, when asked), then [DONE]."""
+    done = asyncio.wrap_future(job.done)
+    try:
+        yield _sse(chat.chunk(cid, model, {"role": "assistant", "content": ""}))
+        while True:
+            getter = asyncio.ensure_future(pieces.get())
+            finished, _ = await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in finished:
+                yield _sse(chat.chunk(cid, model, {"content": getter.result()}))
+                continue
+            getter.cancel()
+            while not pieces.empty():
+                yield _sse(chat.chunk(cid, model, {"content": pieces.get_nowait()}))
+            break
+        result = done.result()
+        record(job, result)
+        yield _sse(chat.chunk(cid, model, {}, result["finish_reason"], atp=chat.extension(result, ratio(result))))
+        if include_usage:
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                        "choices": [], "usage": chat.usage(result)})
+        yield "data: [DONE]\n\n"
+    finally:  # a client that disconnects stops its generation
+        job.cancelled.set()

@@ -1,0 +1,182 @@
+"""The OpenAI-compatible server on a tiny converted checkpoint, called with the official `openai` client.
+
+The server runs in this process (uvicorn on a thread) on 127.0.0.1 and a free port, with an API key; greedy
+answers are compared with the inference library's answers to the same question and image.
+"""
+
+import base64
+import concurrent.futures
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from atp_jax.infer import runner as rn
+from atp_jax.serve.app import ServeOptions, create_app
+from tests.cli_helpers import tiny_checkpoint
+
+KEY = "test-key"
+MODEL = "tiny-llava"
+QUESTION = "What is in the picture?"
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height pixels (refused before anything is decoded)."""
+    data = bytearray(png(Image.new("L", (1, 1))))
+    ihdr = bytearray(data[16:29])  # the IHDR chunk's data: width, height, depth, colour type, ...
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 60 - 3 * i, 3), dtype=np.uint8)) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    texts = ["What is in the picture?", "Describe the image in detail.", "A cat sits on a red mat.",
+             "The sky is blue and the grass is green.", "Is there a dog? What colour is it?"] * 20
+    ckpt = tiny_checkpoint(d, texts, context=160)
+    runner = rn.load(ckpt, prune="atp", mode="compact")
+    app = create_app(runner, ServeOptions(model_name=MODEL, api_key=KEY, max_batch=8, batch_window_s=0.2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    yield {"runner": runner, "app": app, "url": f"http://127.0.0.1:{port}"}
+    server.should_exit = True
+    thread.join(timeout=10)
+    app.state.batcher.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def ask(client, image_bytes: bytes, question: str = QUESTION, **kw):
+    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": data_url(image_bytes)}}]
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                          temperature=0, max_tokens=kw.pop("max_tokens", 9), **kw)
+
+
+def single(server, image: Image.Image, max_tokens: int = 9) -> dict:
+    return server["runner"].answer([QUESTION], [image], max_tokens)[0]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
+
+
+def test_plain_and_streamed_answers_equal_the_library(server, client, images):
+    want = single(server, images[0])
+    got = ask(client, png(images[0]))
+    assert got.choices[0].message.content == want["answer"]
+    assert got.usage.prompt_tokens == want["prompt_tokens"]
+    assert got.usage.completion_tokens == len(want["token_ids"])
+    assert got.choices[0].finish_reason in ("stop", "length")
+    atp = got.model_extra["atp"]
+    assert atp["visual_tokens_per_layer"] == want["visual_tokens_per_layer"]
+    assert atp["visual_tokens_per_layer"][-1] < atp["visual_tokens_per_layer"][0]  # ATP pruned something
+    assert 0 < atp["prefill_flops_ratio"] < 1
+    stream = ask(client, png(images[0]), stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want["answer"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == got.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == len(want["token_ids"])
+
+
+def test_concurrent_requests_are_batched_and_equal_their_single_answers(server, client, images):
+    before = len(server["app"].state.batcher.batches)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda im: ask(client, png(im)).choices[0].message.content, images))
+    assert answers == [single(server, im)["answer"] for im in images]
+    assert max(server["app"].state.batcher.batches[before:]) > 1  # some arrived together and shared a batch
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, client, images):
+    good = png(images[1])
+
+    def content(*parts):
+        return [{"role": "user", "content": list(parts)}]
+
+    text = {"type": "text", "text": QUESTION}
+
+    def image(url):
+        return {"type": "image_url", "image_url": {"url": url}}
+
+    cases = [
+        (dict(messages=content(text)), 400, "exactly one image"),
+        (dict(messages=content(text, image(data_url(good)), image(data_url(good)))), 400, "exactly one image"),
+        (dict(messages=content(text, image("data:image/png;base64,@@not base64@@"))), 400, "base64"),
+        (dict(messages=content(text, image(data_url(b"these bytes are no image")))), 400, "<bytes>"),
+        (dict(messages=content(text, image(data_url(huge_png_header(20000, 20000))))), 400, "pixels"),
+        (dict(messages=content(text, image("https://example.com/cat.png"))), 400, "not fetched"),
+        (dict(messages=content({"type": "text", "text": "describe the image " * 30}, image(data_url(good)))), 400,
+         "context window"),
+        (dict(messages=content(text, image(data_url(good))), model="gpt-4o"), 404, "does not exist"),
+        (dict(messages=content(text, image(data_url(good))), top_p=0), 400, "top_p"),
+    ]
+    for kw, status, needle in cases:
+        kw = {"model": MODEL, "max_tokens": 4, "temperature": 0} | kw
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(**kw)
+        assert info.value.status_code == status, (needle, info.value)
+        error = info.value.body
+        assert needle in error["message"] and error["type"], (needle, error)
+    raw = httpx.post(server["url"] + "/v1/chat/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
+    wrong = openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert ask(client, good).choices[0].message.content == single(server, images[1])["answer"]
+
+
+def test_metrics_count_what_was_served(server):
+    text = httpx.get(server["url"] + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    answered = values['atp_jax_requests_total{status="200"}']
+    assert answered >= 11 and values['atp_jax_requests_total{status="400"}'] >= 8  # the tests above
+    assert values['atp_jax_requests_total{status="404"}'] >= 1
+    assert values["atp_jax_time_to_first_token_seconds_count"] == answered
+    assert values["atp_jax_request_latency_seconds_sum"] >= values["atp_jax_time_to_first_token_seconds_sum"] > 0
+    assert values["atp_jax_generated_tokens_total"] > 0
+    assert 0 < values["atp_jax_kept_visual_tokens_sum"] / values["atp_jax_kept_visual_tokens_count"] < 16
