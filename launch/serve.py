@@ -4,7 +4,8 @@
                          [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--api-key KEY] [--image-dir DIR]
 
 POST /v1/chat/completions takes one user message with a question and one image (a base64 data URL; local paths
-only under --image-dir; the server fetches nothing); GET /v1/models, GET /health. Answers carry an `atp` object:
+only under --image-dir; the server fetches nothing); GET /v1/models, GET /health, GET /metrics (Prometheus), and
+a page at / to try it in a browser. Answers carry an `atp` object:
 the visual tokens kept per decoder layer, their average and the prefill FLOPs ratio. The server binds to
 localhost unless --host says otherwise; with --api-key every /v1/ request must send it as a bearer token.
 """

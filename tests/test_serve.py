@@ -7,6 +7,7 @@ answers are compared with the inference library's answers to the same question a
 import base64
 import concurrent.futures
 import io
+import shutil
 import socket
 import struct
 import threading
@@ -102,6 +103,7 @@ def test_models_and_health(server, client):
 
 def test_plain_and_streamed_answers_equal_the_library(server, client, images):
     want = single(server, images[0])
+    assert want["answer"]  # something to compare: the random tiny model does not stop at once
     got = ask(client, png(images[0]))
     assert got.choices[0].message.content == want["answer"]
     assert got.usage.prompt_tokens == want["prompt_tokens"]
@@ -180,3 +182,75 @@ def test_metrics_count_what_was_served(server):
     assert values["atp_jax_request_latency_seconds_sum"] >= values["atp_jax_time_to_first_token_seconds_sum"] > 0
     assert values["atp_jax_generated_tokens_total"] > 0
     assert 0 < values["atp_jax_kept_visual_tokens_sum"] / values["atp_jax_kept_visual_tokens_count"] < 16
+
+
+def test_the_page_streams_an_answer_and_shows_the_kept_patches(server, images, tmp_path):
+    """Headless Chromium (Debian's chromium and chromium-driver) on the page at /: upload, ask, read."""
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    path = tmp_path / "asked.png"
+    images[2].save(path)
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(server["url"] + "/")
+        driver.find_element(By.ID, "image").send_keys(str(path))
+        driver.find_element(By.ID, "max-tokens").clear()
+        driver.find_element(By.ID, "max-tokens").send_keys("9")
+        driver.find_element(By.ID, "key").send_keys(KEY)
+        driver.find_element(By.ID, "send").click()
+        WebDriverWait(driver, 120).until(
+            lambda d: d.find_element(By.ID, "kept").get_attribute("data-ready") == "1"
+            or d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "error").text == ""
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") == "1")
+        want = single(server, images[2])["answer"]
+        assert want and driver.find_element(By.ID, "answer").text == want
+        width = driver.execute_script("return document.getElementById('kept').naturalWidth")
+        assert width > 3 * 100  # three module panels side by side
+        assert "visual tokens per decoder layer: 16" in driver.find_element(By.ID, "tokens").text
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert (tmp_path / "page.png").stat().st_size > 0
+    finally:
+        driver.quit()
+
+
+def test_a_full_queue_refuses_at_once_and_a_gone_request_is_dropped():
+    """The batcher alone, over a stand-in runner that waits until released."""
+    from atp_jax.infer.generate import Sampling
+    from atp_jax.serve.batcher import Batcher, Busy, Job
+
+    release, calls = threading.Event(), []
+
+    class Waiting:
+        def run(self, prompts, *args, **kw):
+            calls.append(len(prompts))
+            release.wait(30)
+            return [{"answer": "x"} for _ in prompts]
+
+    batcher = Batcher(Waiting(), max_batch=2, max_queue=1, window_s=0.0)
+
+    def job(deadline=60.0):
+        return Job(None, 4, Sampling(), 0, (), deadline=time.monotonic() + deadline)
+
+    first = batcher.submit(job())
+    for _ in range(100):  # the worker takes it and waits in run()
+        if calls:
+            break
+        time.sleep(0.01)
+    gone = batcher.submit(job())  # fills the queue
+    gone.cancelled.set()  # its client left before its turn
+    with pytest.raises(Busy):
+        batcher.submit(job())
+    release.set()
+    assert first.done.result(10) == {"answer": "x"}
+    late = batcher.submit(job())
+    assert late.done.result(10) == {"answer": "x"}
+    assert calls == [1, 1] and gone.done.cancelled()  # the gone request never ran
+    batcher.close()

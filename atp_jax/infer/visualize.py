@@ -63,12 +63,18 @@ def title_font(size: int = 16):
 
 def draw_kept(image: Image.Image, kept_per_module: Sequence[Sequence[int]], grid: int, layers: Sequence[int],
               out_path: str | os.PathLike, panel: int = PANEL, cls_first: bool = False) -> Path:
-    """Writes one PNG with a panel per pruning module, side by side: the padded-to-square image with the
+    """Writes `kept_picture(...)` as a PNG file that appears atomically. Returns its path."""
+    return save_atomic(kept_picture(image, kept_per_module, grid, layers, panel, cls_first), out_path)
+
+
+def kept_picture(image: Image.Image, kept_per_module: Sequence[Sequence[int]], grid: int, layers: Sequence[int],
+                 panel: int = PANEL, cls_first: bool = False) -> Image.Image:
+    """One picture with a panel per pruning module, side by side: the padded-to-square image with the
     patches that module did not keep darkened and hatched, titled "after layer L: K / N kept".
 
     kept_per_module: per module, the kept visual token indices (row-major patches of the `grid` x `grid`
     image; with `cls_first` index 0 is CLS, which has no patch). layers: the decoder layer each module follows.
-    Without modules (no pruning) one panel shows every patch kept. The file appears atomically. Returns it.
+    Without modules (no pruning) one panel shows every patch kept.
     """
     if len(kept_per_module) != len(layers):
         raise ValueError(f"{len(kept_per_module)} kept lists for {len(layers)} module layers")
@@ -87,7 +93,7 @@ def draw_kept(image: Image.Image, kept_per_module: Sequence[Sequence[int]], grid
         draw.text((x + (panel - right - left) // 2, GAP + (TITLE - bottom - top) // 2), title, fill=(0, 0, 0),
                   font=font)  # take no anchor
         sheet.paste(draw_panel(base, kept, grid), (x, GAP + TITLE))
-    return save_atomic(sheet, out_path)
+    return sheet
 
 
 def save_atomic(image: Image.Image, out_path: str | os.PathLike) -> Path:

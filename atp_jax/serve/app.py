@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   a question about one image; `stream: true` answers in server-sent events
     GET  /v1/models             the one model served
+    GET  /                      a page: ask about an uploaded image, read the answer as it streams, see what ATP kept
     GET  /health                {"status": "ok"}
     GET  /metrics               Prometheus text: requests by status, TTFT and latency, tokens, kept visual tokens
 
@@ -13,7 +14,9 @@ Retry-After when the queue is full, 504 when the answer took longer than the req
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import io
 import json
 import secrets
 import time
@@ -21,9 +24,11 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from atp_jax.data.images import load_image
 from atp_jax.infer.runner import InferError, Runner
+from atp_jax.infer.visualize import kept_picture
 from atp_jax.pruning.accounting import flops_ratio
 from atp_jax.serve import chat
 from atp_jax.serve.batcher import Batcher, Busy, Job
@@ -82,9 +87,25 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "atp_jax"}
                                            for name in models]}
 
-    def ratio(result: dict) -> float:
+    page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
+    page = page.replace("{{MODEL}}", json.dumps(options.model_name).replace("</", "<\\/"))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    def extension(req: chat.ChatRequest, result: dict) -> dict:
         text = result["prompt_tokens"] - runner.num_image_tokens
-        return flops_ratio(runner.config, result["visual_tokens_per_layer"], text)
+        ratio = flops_ratio(runner.config, result["visual_tokens_per_layer"], text)
+        picture = None
+        if req.picture:
+            cfg = runner.config
+            sheet = kept_picture(load_image(req.image), result["kept"], cfg.vision.grid, list(runner.module_layers),
+                                 cls_first=cfg.vision_feature_select_strategy == "full")
+            buf = io.BytesIO()
+            sheet.save(buf, format="PNG")
+            picture = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return chat.extension(result, ratio, picture)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -115,7 +136,8 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
                           headers={"Retry-After": str(options.retry_after_s)})
         cid = chat.completion_id()
         if req.stream:
-            return StreamingResponse(_stream(job, pieces, cid, body["model"], req.include_usage, ratio, record),
+            return StreamingResponse(_stream(job, pieces, cid, body["model"], req.include_usage,
+                                             lambda result: extension(req, result), record),
                                      media_type="text/event-stream")
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(job.done), options.timeout_s)
@@ -126,7 +148,7 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
             job.cancelled.set()
             raise
         record(job, result)
-        return chat.completion(cid, body["model"], result, ratio(result))
+        return chat.completion(cid, body["model"], result, await run_in_threadpool(extension, req, result))
 
     return app
 
@@ -135,7 +157,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _stream(job: Job, pieces: asyncio.Queue, cid: str, model: str, include_usage: bool, ratio, record):
+async def _stream(job: Job, pieces: asyncio.Queue, cid: str, model: str, include_usage: bool, extension, record):
     """The server-sent events of a streamed answer: the role, the text as it is decoded, the finish reason
     with ATP's extension (and the usage, when asked), then [DONE]."""
     done = asyncio.wrap_future(job.done)
@@ -153,7 +175,8 @@ async def _stream(job: Job, pieces: asyncio.Queue, cid: str, model: str, include
             break
         result = done.result()
         record(job, result)
-        yield _sse(chat.chunk(cid, model, {}, result["finish_reason"], atp=chat.extension(result, ratio(result))))
+        atp = await run_in_threadpool(extension, result)
+        yield _sse(chat.chunk(cid, model, {}, result["finish_reason"], atp=atp))
         if include_usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                         "choices": [], "usage": chat.usage(result)})

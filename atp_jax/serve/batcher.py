@@ -96,7 +96,12 @@ class Batcher:
             first = self._next(None)
             if first is None:
                 return
-            batch = [job for job in self._gather(first) if not job.gone()]
+            batch = []
+            for job in self._gather(first):
+                if job.gone():  # nobody waits for it any more
+                    job.done.cancel()
+                else:
+                    batch.append(job)
             if not batch:
                 continue
             self.batches.append(len(batch))

@@ -43,6 +43,7 @@ class ChatRequest:
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    picture: bool  # `atp_picture: true`: the answer's `atp` object carries the kept-patches picture
 
 
 def _number(body: dict, name: str, kind, default, lo=None, hi=None, lo_open=False):
@@ -132,19 +133,24 @@ def parse(body, model_names: tuple[str, ...], image_dir: Path | None) -> ChatReq
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
     options = body.get("stream_options") or {}
+    picture = body.get("atp_picture", False)
+    if not isinstance(picture, bool):
+        raise ApiError(400, "'atp_picture' must be true or false", "atp_picture")
     return ChatRequest(question, _image(images[0], image_dir), max_tokens,
                        Sampling(temperature=float(temperature), top_p=float(top_p)), seed, tuple(stops), stream,
-                       bool(isinstance(options, dict) and options.get("include_usage")))
+                       bool(isinstance(options, dict) and options.get("include_usage")), picture)
 
 
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def extension(result: dict, flops_ratio: float) -> dict:
-    """What ATP did for this request: visual tokens per decoder layer, their average, the prefill FLOPs ratio."""
-    return {"visual_tokens_per_layer": result["visual_tokens_per_layer"],
-            "avg_visual_tokens": result["avg_visual_tokens"], "prefill_flops_ratio": flops_ratio}
+def extension(result: dict, flops_ratio: float, picture: str | None = None) -> dict:
+    """What ATP did for this request: visual tokens per decoder layer, their average, the prefill FLOPs ratio;
+    with `picture` (a PNG data URL) the patches kept after each pruning module."""
+    out = {"visual_tokens_per_layer": result["visual_tokens_per_layer"],
+           "avg_visual_tokens": result["avg_visual_tokens"], "prefill_flops_ratio": flops_ratio}
+    return out if picture is None else out | {"kept_picture": picture}
 
 
 def usage(result: dict) -> dict:
@@ -152,11 +158,11 @@ def usage(result: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion(cid: str, model: str, result: dict, flops_ratio: float) -> dict:
+def completion(cid: str, model: str, result: dict, atp: dict) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
                          "finish_reason": result["finish_reason"], "logprobs": None}],
-            "usage": usage(result), "atp": extension(result, flops_ratio)}
+            "usage": usage(result), "atp": atp}
 
 
 def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
