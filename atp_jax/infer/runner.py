@@ -219,6 +219,7 @@ class Runner:
             "ttft_s": gen.ttft_s,
             "decode_tokens_per_s": decode_steps / gen.decode_s if decode_steps and gen.decode_s > 0 else 0.0,
             "kept": [np.flatnonzero(k > 0.5).tolist() for k in gen.keep[b]],
+            "batch_kv_cache_bytes": gen.cache_bytes,  # the KV cache of the whole batch this answer was decoded in
             # "length": the budget ran out before an end of sequence or a stop string
             "finish_reason": "length" if len(row) >= max_new_tokens and len(token_ids) == len(row) else "stop",
         }

@@ -78,9 +78,11 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
     async def prometheus():
         return Response(metrics.text(), media_type="text/plain; version=0.0.4")
 
+    def ttft(job: Job, result: dict) -> float:
+        return job.started - job.arrived + result["ttft_s"]
+
     def record(job: Job, result: dict) -> None:
-        now = time.monotonic()
-        metrics.answered(result, job.started - job.arrived + result["ttft_s"], now - job.arrived)
+        metrics.answered(result, ttft(job, result), time.monotonic() - job.arrived)
 
     @app.get("/v1/models")
     async def list_models():
@@ -94,7 +96,7 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
     async def index():
         return page
 
-    def extension(req: chat.ChatRequest, result: dict) -> dict:
+    def extension(req: chat.ChatRequest, job: Job, result: dict) -> dict:
         text = result["prompt_tokens"] - runner.num_image_tokens
         ratio = flops_ratio(runner.config, result["visual_tokens_per_layer"], text)
         picture = None
@@ -105,7 +107,7 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
             buf = io.BytesIO()
             sheet.save(buf, format="PNG")
             picture = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-        return chat.extension(result, ratio, picture)
+        return chat.extension(result, ratio, ttft(job, result), picture)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -137,7 +139,7 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
         cid = chat.completion_id()
         if req.stream:
             return StreamingResponse(_stream(job, pieces, cid, body["model"], req.include_usage,
-                                             lambda result: extension(req, result), record),
+                                             lambda result: extension(req, job, result), record),
                                      media_type="text/event-stream")
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(job.done), options.timeout_s)
@@ -148,7 +150,7 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
             job.cancelled.set()
             raise
         record(job, result)
-        return chat.completion(cid, body["model"], result, await run_in_threadpool(extension, req, result))
+        return chat.completion(cid, body["model"], result, await run_in_threadpool(extension, req, job, result))
 
     return app
 

@@ -57,6 +57,7 @@ class Batcher:
         self.queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self.held: collections.deque[Job] = collections.deque()  # taken from the queue, for a later batch
         self.batches: list[int] = []  # the size of every batch run, in order
+        self.kv_bytes: list[int] = []  # the KV cache each batch held, in order
         self.thread = threading.Thread(target=self._loop, name="atp_jax-batcher", daemon=True)
         self.thread.start()
 
@@ -104,7 +105,6 @@ class Batcher:
                     batch.append(job)
             if not batch:
                 continue
-            self.batches.append(len(batch))
             self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
@@ -124,5 +124,7 @@ class Batcher:
             for job in batch:
                 job.done.set_exception(e)
             return
+        self.kv_bytes.append(results[0]["batch_kv_cache_bytes"])
+        self.batches.append(len(batch))
         for job, result in zip(batch, results, strict=True):
             job.done.set_result(result)

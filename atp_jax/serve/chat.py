@@ -145,11 +145,13 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def extension(result: dict, flops_ratio: float, picture: str | None = None) -> dict:
-    """What ATP did for this request: visual tokens per decoder layer, their average, the prefill FLOPs ratio;
-    with `picture` (a PNG data URL) the patches kept after each pruning module."""
+def extension(result: dict, flops_ratio: float, ttft_s: float, picture: str | None = None) -> dict:
+    """What ATP did for this request: visual tokens per decoder layer, their average, the prefill FLOPs ratio,
+    the time to first token as the server measured it (from the request's arrival, queue included); with
+    `picture` (a PNG data URL) the patches kept after each pruning module."""
     out = {"visual_tokens_per_layer": result["visual_tokens_per_layer"],
-           "avg_visual_tokens": result["avg_visual_tokens"], "prefill_flops_ratio": flops_ratio}
+           "avg_visual_tokens": result["avg_visual_tokens"], "prefill_flops_ratio": flops_ratio,
+           "time_to_first_token_s": ttft_s}
     return out if picture is None else out | {"kept_picture": picture}
 
 
