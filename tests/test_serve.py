@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,7 +24,7 @@ from PIL import Image
 
 from atp_jax.infer import runner as rn
 from atp_jax.serve.app import ServeOptions, create_app
-from tests.cli_helpers import tiny_checkpoint
+from tests.cli_helpers import load_main, run_main, tiny_checkpoint
 
 KEY = "test-key"
 MODEL = "tiny-llava"
@@ -75,7 +76,7 @@ def server(tmp_path_factory):
             break
         time.sleep(0.05)
     assert server.started
-    yield {"runner": runner, "app": app, "url": f"http://127.0.0.1:{port}"}
+    yield {"runner": runner, "app": app, "url": f"http://127.0.0.1:{port}", "checkpoint": ckpt}
     server.should_exit = True
     thread.join(timeout=10)
     app.state.batcher.close()
@@ -254,3 +255,15 @@ def test_a_full_queue_refuses_at_once_and_a_gone_request_is_dropped():
     assert late.done.result(10)["answer"] == "x"
     assert calls == [1, 1] and gone.done.cancelled()  # the gone request never ran
     batcher.close()
+
+
+def test_the_command_line_refuses_mistakes_in_one_line(server, tmp_path):
+    main = load_main(Path(__file__).resolve().parent.parent / "launch" / "serve.py", "serve_cli")
+    ckpt = server["checkpoint"]
+    cases = [(["--checkpoint", tmp_path / "nothing"], "nothing"),
+             (["--checkpoint", ckpt, "--max-batch", "0"], "--max-batch"),
+             (["--checkpoint", ckpt, "--prune", "magic"], "--prune"),
+             (["--checkpoint", ckpt, "--image-dir", tmp_path / "none"], "--image-dir")]
+    for args, needle in cases:
+        code, out, err = run_main(main, *args)
+        assert code == 2 and out == "" and needle in err and len(err.strip().splitlines()) == 1, (args, err)
