@@ -34,6 +34,8 @@ from atp_jax.serve import chat
 from atp_jax.serve.batcher import Batcher, Busy, Job
 from atp_jax.serve.metrics import ServerMetrics
 
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeOptions:
@@ -141,14 +143,23 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
             return StreamingResponse(_stream(job, pieces, cid, body["model"], req.include_usage,
                                              lambda result: extension(req, job, result), record),
                                      media_type="text/event-stream")
+        done = asyncio.wrap_future(job.done)
+        end = time.monotonic() + options.timeout_s
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(job.done), options.timeout_s)
-        except TimeoutError:
-            job.cancelled.set()
-            return _error(chat.ApiError(504, f"no answer within {options.timeout_s:g} s", kind="timeout"))
-        except asyncio.CancelledError:  # the client went away
+            while not done.done():
+                await asyncio.wait({done}, timeout=min(DISCONNECT_POLL_S, max(end - time.monotonic(), 0)))
+                if done.done():
+                    break
+                if time.monotonic() >= end:
+                    job.cancelled.set()
+                    return _error(chat.ApiError(504, f"no answer within {options.timeout_s:g} s", kind="timeout"))
+                if await request.is_disconnected():  # nobody reads the answer: stop decoding it
+                    job.cancelled.set()
+                    return Response(status_code=499)
+        except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        result = done.result()
         record(job, result)
         return chat.completion(cid, body["model"], result, await run_in_threadpool(extension, req, job, result))
 
