@@ -9,10 +9,11 @@ seconds. The same pass runs until one compiles nothing (at most 4 times: the bat
 ATP's capacities need their programs), then once more, measured; its XLA compiles are counted and reported.
 Figures: requests/s, p50 and p99 time to first token (as the server measures it from the request's arrival:
 the random model's tokens mostly decode to no text, so a client sees its first text late) and latency (the
-client's, to the last chunk), completion tokens/s, the server's batch sizes, the largest KV cache a batch held
-and the largest per request, the average visual tokens. The model: random weights and a tiny trained
-tokenizer (the answers are noise; only their cost matters); ATP's thresholds set for ~25% average visual
-tokens as in benchmarks/prefill.py. The last line printed is one JSON object.
+client's, to the last chunk), completion tokens/s, the server's prefill batch sizes and the most rows decoding
+at once (continuous batching: a request joins the running decode between chunks), the largest KV cache the
+decode pool held and the largest per row of it (a request's share), the average visual tokens. The model:
+random weights and a tiny trained tokenizer (the answers are noise; only their cost matters); ATP's thresholds
+set for ~25% average visual tokens as in benchmarks/prefill.py. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -155,14 +156,14 @@ def main() -> None:
                 load(url, args.clients, args.requests, args.new_tokens, cfg.vision.image_size, args.time_limit, 0)
                 if len(compiles) == before:
                     break
-            warm_batches, warm_compiles = len(app.state.batcher.batches), len(compiles)
+            stats, warm_compiles = app.state.batcher.stats, len(compiles)
+            stats.reset()
             run = load(url, args.clients, args.requests, args.new_tokens, cfg.vision.image_size, args.time_limit, 0)
         finally:
             server.should_exit = True
             thread.join(timeout=30)
             app.state.batcher.close()
         done = run["results"]
-        sizes, kv = app.state.batcher.batches[warm_batches:], app.state.batcher.kv_bytes[warm_batches:]
         ttft, latency = [r["ttft_s"] for r in done], [r["latency_s"] for r in done]
         tokens = len(done) * args.new_tokens if all(r["finish"] == "length" for r in done) else None
         f = {"answered": len(done), "wall_s": run["wall_s"], "requests_per_s": len(done) / run["wall_s"],
@@ -170,8 +171,9 @@ def main() -> None:
              "latency_p50_s": percentile(latency, 50), "latency_p99_s": percentile(latency, 99),
              "tokens_per_s": tokens / run["wall_s"] if tokens else None,
              "all_ran_to_length": tokens is not None, "compiles": len(compiles) - warm_compiles,
-             "batch_sizes": sizes, "peak_kv_cache_bytes": max(kv),
-             "peak_kv_cache_bytes_per_request": max(b // n for b, n in zip(kv, sizes, strict=True)),
+             "prefill_batches": dict(sorted(stats.prefills.items())), "decode_chunks": stats.chunks,
+             "peak_rows_busy": stats.peak_busy, "peak_kv_cache_bytes": stats.peak_kv_bytes,
+             "peak_kv_cache_bytes_per_request": stats.peak_kv_bytes_per_row,
              "avg_visual_tokens": statistics.mean(r["atp"]["avg_visual_tokens"] for r in done)}
         figures[name] = f
         rows.append([name, f"{f['avg_visual_tokens']:.0f}", str(f["answered"]), f"{f['requests_per_s']:.2f}",
@@ -179,9 +181,11 @@ def main() -> None:
                      f"{1e3 * f['latency_p50_s']:.0f} / {1e3 * f['latency_p99_s']:.0f}",
                      f"{f['tokens_per_s']:.1f}" if f["tokens_per_s"] else "-",
                      f"{f['peak_kv_cache_bytes'] / 2**20:.1f} / {f['peak_kv_cache_bytes_per_request'] / 2**20:.1f}",
-                     " ".join(map(str, sizes)), str(f["compiles"])])
+                     " ".join(f"{n}x{size}" for size, n in f["prefill_batches"].items()), str(f["peak_rows_busy"]),
+                     str(f["compiles"])])
     print_table("load", ["method", "avg visual", "answered", "req/s", "TTFT p50 / p99 ms", "latency p50 / p99 ms",
-                         "tokens/s", "peak KV MiB: batch / request", "batches", "compiles"], rows)
+                         "tokens/s", "peak KV MiB: pool / row", "prefills (count x size)", "rows busy", "compiles"],
+                rows)
     a, u = figures["atp_compact"], figures["unpruned"]
     figures["atp_over_unpruned"] = {
         "requests_per_s": a["requests_per_s"] / u["requests_per_s"], "ttft_p50": a["ttft_p50_s"] / u["ttft_p50_s"],

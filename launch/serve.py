@@ -2,6 +2,7 @@
 
   python launch/serve.py --checkpoint DIR [--prune atp|fastv|pdrop|random|none] [--mode compact|masked]
                          [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--api-key KEY] [--image-dir DIR]
+                         [--warmup]
 
 POST /v1/chat/completions takes one user message with a question and one image (a base64 data URL; local paths
 only under --image-dir; the server fetches nothing); GET /v1/models, GET /health, GET /metrics (Prometheus), and
@@ -37,10 +38,13 @@ def build_parser() -> Parser:
     p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' on every /v1/ request "
                    "(default: the ATP_JAX_API_KEY environment variable, else none)")
     p.add_argument("--image-dir", help="allow local image paths under this directory (default: data URLs only)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests answered together at most")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (rows of the "
+                   "continuous batch; a finished request frees its row for a waiting one)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503")
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for company")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--warmup", action="store_true", help="compile the prefill and decode programs of every batch "
+                   "size before serving (the first requests then wait for no compiler)")
     p.add_argument("--compilation-cache", metavar="DIR",
                    help="JAX persistent compilation cache: later runs reuse the compiled prefill and decode programs")
     return p
@@ -75,10 +79,14 @@ def main(argv=None) -> int:
                            api_key=args.api_key or os.environ.get("ATP_JAX_API_KEY") or None,
                            image_dir=Path(args.image_dir).resolve() if args.image_dir else None,
                            max_batch=args.max_batch, max_queue=args.max_queue,
-                           batch_window_s=args.batch_window_ms / 1000, timeout_s=args.timeout)
+                           batch_window_s=args.batch_window_ms / 1000, timeout_s=args.timeout,
+                           warmup=args.warmup)
+    if args.warmup:
+        print("warming up: compiling the programs of every batch size", file=sys.stderr)
+    app = create_app(runner, options)
     print(f"serving {options.model_name} (prune={args.prune}, mode={args.mode}) on http://{args.host}:{args.port}",
           file=sys.stderr)
-    uvicorn.run(create_app(runner, options), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -6,12 +6,14 @@ answers are compared with the inference library's answers to the same question a
 
 import base64
 import concurrent.futures
+import dataclasses
 import io
 import shutil
 import socket
 import struct
 import threading
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -123,11 +125,42 @@ def test_plain_and_streamed_answers_equal_the_library(server, client, images):
 
 
 def test_concurrent_requests_are_batched_and_equal_their_single_answers(server, client, images):
-    before = len(server["app"].state.batcher.batches)
+    stats = server["app"].state.batcher.stats
+    stats.reset()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda im: ask(client, png(im)).choices[0].message.content, images))
     assert answers == [single(server, im)["answer"] for im in images]
-    assert max(server["app"].state.batcher.batches[before:]) > 1  # some arrived together and shared a batch
+    assert max(stats.prefills) > 1 and stats.peak_busy > 1  # some arrived together and shared a prefill
+
+
+def test_a_finished_request_frees_its_row_for_a_waiting_one(server, images):
+    """Continuous batching with two rows: a long request keeps decoding while short ones finish and others take
+    their row; greedy answers equal the library's single answers; sampled ones equal them for the same seed."""
+    from atp_jax.infer.generate import Sampling
+    from atp_jax.infer.slots import SlotDecoder
+    from atp_jax.serve.batcher import Batcher, Job
+
+    runner = server["runner"]
+    sampled = Sampling(temperature=0.9, top_k=20, top_p=0.9)
+    asks = [(images[0], 40, Sampling(), 0), (images[1], 3, Sampling(), 0), (images[2], 5, sampled, 7),
+            (images[3], 2, Sampling(), 0)]
+    for mode in ("compact", "masked"):
+        one = dataclasses.replace(runner, mode=mode)
+        batcher = Batcher(SlotDecoder(one, max_rows=2), window_s=0.0)
+        finished = {}
+        jobs = [Job(one.prepare(QUESTION, im, n), n, sampling, seed, (), deadline=time.monotonic() + 120)
+                for im, n, sampling, seed in asks]
+        for i, job in enumerate(jobs):
+            job.done.add_done_callback(lambda _, i=i, f=finished: f.setdefault(i, time.monotonic()))
+            batcher.submit(job)
+        results = [job.done.result(120) for job in jobs]
+        batcher.close()
+        want = [one.answer([QUESTION], [im], n, sampling, seed)[0] for im, n, sampling, seed in asks]
+        assert [r["token_ids"] for r in results] == [w["token_ids"] for w in want], mode
+        assert [r["answer"] for r in results] == [w["answer"] for w in want], mode
+        assert results[0]["finish_reason"] == "length" and len(results[0]["token_ids"]) == 40, mode
+        assert jobs[3].started < finished[0]  # the last one ran in a freed row while the first still decoded
+        assert batcher.stats.peak_busy == 2 and batcher.decoder.busy == 0
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, client, images):
@@ -223,25 +256,37 @@ def test_the_page_streams_an_answer_and_shows_the_kept_patches(server, images, t
 
 
 def test_a_full_queue_refuses_at_once_and_a_gone_request_is_dropped():
-    """The batcher alone, over a stand-in runner that waits until released."""
+    """The batcher alone, over a stand-in decoder whose prefill waits until released."""
     from atp_jax.infer.generate import Sampling
+    from atp_jax.infer.slots import Admitted
     from atp_jax.serve.batcher import Batcher, Busy, Job
 
     release, calls = threading.Event(), []
 
-    class Waiting:
-        def run(self, prompts, *args, **kw):
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return "x" * len(ids)
+
+    class Waiting:  # answers every request with one token
+        runner = types.SimpleNamespace(tokenizer=Tokenizer(), eos_id=2)
+        max_rows, busy, rows, kv_bytes = 2, 0, 0, 0
+        free = 2
+
+        def admit(self, prompts, specs):
             calls.append(len(prompts))
             release.wait(30)
-            return [{"answer": "x", "batch_kv_cache_bytes": 0} for _ in prompts]
+            return [Admitted(len(calls) * 10 + i, 5, np.zeros(3), np.zeros((1, 4)), 0.0) for i in range(len(prompts))]
 
-    batcher = Batcher(Waiting(), max_batch=2, max_queue=1, window_s=0.0)
+        def release(self, ticket):
+            pass
+
+    batcher = Batcher(Waiting(), max_queue=1, window_s=0.0)
 
     def job(deadline=60.0):
-        return Job(None, 4, Sampling(), 0, (), deadline=time.monotonic() + deadline)
+        return Job(rn.Prompt(np.zeros(3, np.int32), None), 1, Sampling(), 0, (), deadline=time.monotonic() + deadline)
 
     first = batcher.submit(job())
-    for _ in range(100):  # the worker takes it and waits in run()
+    for _ in range(100):  # the worker takes it and waits in admit()
         if calls:
             break
         time.sleep(0.01)
@@ -253,7 +298,7 @@ def test_a_full_queue_refuses_at_once_and_a_gone_request_is_dropped():
     assert first.done.result(10)["answer"] == "x"
     late = batcher.submit(job())
     assert late.done.result(10)["answer"] == "x"
-    assert calls == [1, 1] and gone.done.cancelled()  # the gone request never ran
+    assert calls == [1, 1] and gone.done.cancelled() and batcher.stats.dropped == 1  # the gone one never ran
     batcher.close()
 
 
@@ -267,3 +312,63 @@ def test_the_command_line_refuses_mistakes_in_one_line(server, tmp_path):
     for args, needle in cases:
         code, out, err = run_main(main, *args)
         assert code == 2 and out == "" and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_warm_up_compiles_the_prefill_and_decode_programs_requests_then_run(server):
+    from PIL import Image
+
+    from atp_jax.infer.generate import Sampling
+    from atp_jax.infer.slots import SlotDecoder, decode_chunk
+    from atp_jax.pruning.prefill import prefill_program
+    from atp_jax.serve.batcher import Batcher, Job
+
+    runner = server["runner"]
+    prompt = runner.prepare(QUESTION, Image.new("RGB", (30, 20), (90, 140, 30)), 16)
+    decoder = SlotDecoder(runner, max_rows=2)
+    assert decoder.warm_up(prompt, 16) == [1, 2]
+    compiled = prefill_program._cache_size(), decode_chunk._cache_size()
+    batcher = Batcher(decoder, window_s=0.0)
+    jobs = [batcher.submit(Job(prompt, n, Sampling(), 0, (), deadline=time.monotonic() + 60)) for n in (7, 16, 3)]
+    assert all(job.done.result(60)["token_ids"] is not None for job in jobs)
+    batcher.close()
+    assert (prefill_program._cache_size(), decode_chunk._cache_size()) == compiled
+
+
+def test_a_client_that_leaves_stops_its_decoding(server, client, images, monkeypatch):
+    """Streamed and plain: the client goes after the first text (or a short timeout); its row is freed long
+    before its budget is spent (decode chunks slowed down so that leaving comes first)."""
+    batcher = server["app"].state.batcher
+    step = batcher.decoder.step
+
+    def slow_step():
+        time.sleep(0.2)
+        return step()
+
+    budget = server["runner"].max_positions - single(server, images[4], 1)["prompt_tokens"]
+    image = next(im for im in images if single(server, im, budget)["finish_reason"] == "length")  # no early end
+    monkeypatch.setattr(batcher.decoder, "step", slow_step)
+    body = {"model": MODEL, "max_tokens": budget, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                                       {"type": "image_url",
+                                                        "image_url": {"url": data_url(png(image))}}]}]}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for stream in (True, False):
+        batcher.stats.reset()
+        started = time.monotonic()
+        if stream:
+            with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body | {"stream": True},
+                              headers=headers, timeout=60) as response:
+                assert response.status_code == 200
+                next(response.iter_lines())  # the first event, then the client hangs up
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(server["url"] + "/v1/chat/completions", json=body, headers=headers, timeout=0.6)
+        while batcher.stats.dropped == 0 and time.monotonic() < started + 30:
+            time.sleep(0.05)
+        assert batcher.stats.dropped == 1, stream
+        assert batcher.stats.chunks < budget // 8 - 1  # its row was freed before its budget ran out
+        while batcher.decoder.busy and time.monotonic() < started + 30:
+            time.sleep(0.05)
+        assert batcher.decoder.busy == 0
+    monkeypatch.undo()
+    assert ask(client, png(images[1])).choices[0].message.content == single(server, images[1])["answer"]

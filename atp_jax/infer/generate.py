@@ -24,7 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from atp_jax.models.kv_cache import Segment, cache_bytes, with_room
 from atp_jax.models.llama import padding_bias
-from atp_jax.pruning.engine import PrunedLlava
+from atp_jax.pruning.engine import PrunedLlava, PrunedOutput
 from atp_jax.pruning.prefill import prefill_compact, prefill_program
 
 
@@ -107,6 +107,17 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, math.ceil(n / multiple) * multiple)
 
 
+def prefill(model: PrunedLlava, input_ids, pixel_values, attention_mask, *, mode: str, counts=None) -> PrunedOutput:
+    """The prefill generation starts from, in `mode` ("compact" or "masked"): the last prompt token's logits
+    [B, 1, V] and the KV cache, one segment per run of layers."""
+    if mode == "compact":
+        return prefill_compact(model, input_ids, pixel_values, attention_mask, last_logits_only=True, counts=counts,
+                               return_cache=True)
+    graphdef, state = nnx.split(model)
+    return prefill_program(graphdef, state, input_ids, pixel_values, attention_mask, counts, mode="masked",
+                           last_logits_only=True, return_cache=True)
+
+
 def generate(model: PrunedLlava, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 64,
              sampling: Sampling = Sampling(), eos_id: int, seed: int = 0, mode: str = "compact", chunk: int = 16,
              budget_multiple: int = 32, counts=None,
@@ -129,12 +140,7 @@ def generate(model: PrunedLlava, input_ids, pixel_values, attention_mask=None, *
     budget = round_up(max_new_tokens, budget_multiple)
     graphdef, state = nnx.split(model)
     start = time.perf_counter()
-    if mode == "compact":
-        out = prefill_compact(model, input_ids, pixel_values, mask, last_logits_only=True, counts=counts,
-                              return_cache=True)
-    else:
-        out = prefill_program(graphdef, state, input_ids, pixel_values, mask, counts, mode="masked",
-                              last_logits_only=True, return_cache=True)
+    out = prefill(model, input_ids, pixel_values, mask, mode=mode, counts=counts)
     first_logits, cache, per_layer, keep = out.logits[:, 0], out.cache, out.visual_per_layer, out.keep
     key = jax.random.key(seed)
     first = sample_tokens(first_logits, jax.random.fold_in(key, 0), sampling)

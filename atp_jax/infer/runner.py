@@ -206,23 +206,29 @@ class Runner:
 
     def _result(self, gen: Generation, b: int, prompt_tokens: int, stops: Sequence[str], max_new_tokens: int
                 ) -> dict:
-        row = gen.row(b)
-        token_ids, answer = cut_at_stop(row, self.tokenizer, stops)
-        per_layer = [int(round(x)) for x in gen.visual_per_layer[b]]
         decode_steps = gen.tokens.shape[1] - 1  # every row advances one token per step of the batch
-        return {
-            "answer": answer,
-            "token_ids": token_ids,
-            "visual_tokens_per_layer": per_layer,
-            "avg_visual_tokens": float(np.mean(gen.visual_per_layer[b])),
-            "prompt_tokens": prompt_tokens,
-            "ttft_s": gen.ttft_s,
-            "decode_tokens_per_s": decode_steps / gen.decode_s if decode_steps and gen.decode_s > 0 else 0.0,
-            "kept": [np.flatnonzero(k > 0.5).tolist() for k in gen.keep[b]],
-            "batch_kv_cache_bytes": gen.cache_bytes,  # the KV cache of the whole batch this answer was decoded in
-            # "length": the budget ran out before an end of sequence or a stop string
-            "finish_reason": "length" if len(row) >= max_new_tokens and len(token_ids) == len(row) else "stop",
-        }
+        return answer_result(gen.row(b), self.tokenizer, stops, max_new_tokens, gen.visual_per_layer[b],
+                             gen.keep[b], prompt_tokens, gen.ttft_s,
+                             decode_steps / gen.decode_s if decode_steps and gen.decode_s > 0 else 0.0)
+
+
+def answer_result(row: Sequence[int], tokenizer, stops: Sequence[str], max_new_tokens: int,
+                  visual_per_layer: np.ndarray, keep: np.ndarray, prompt_tokens: int, ttft_s: float,
+                  decode_tokens_per_s: float) -> dict:
+    """One answer's result from its generated tokens `row` (EOS cut off) and what its prefill did."""
+    token_ids, answer = cut_at_stop(list(row), tokenizer, stops)
+    return {
+        "answer": answer,
+        "token_ids": token_ids,
+        "visual_tokens_per_layer": [int(round(x)) for x in visual_per_layer],
+        "avg_visual_tokens": float(np.mean(visual_per_layer)),
+        "prompt_tokens": prompt_tokens,
+        "ttft_s": ttft_s,
+        "decode_tokens_per_s": decode_tokens_per_s,
+        "kept": [np.flatnonzero(k > 0.5).tolist() for k in keep],
+        # "length": the budget ran out before an end of sequence or a stop string
+        "finish_reason": "length" if len(row) >= max_new_tokens and len(token_ids) == len(row) else "stop",
+    }
 
 
 # ---- loading -----------------------------------------------------------------------------------------------

@@ -164,10 +164,16 @@ class Attention(nnx.Module):
     def decode(self, x: Float[Array, "B 1 D"], cos, sin, k_cache: Float[Array, "B S K H"],
                v_cache: Float[Array, "B S K H"], bias: Float[Array, "B 1 1 S"], slot):
         """One new token per row: its key and value written at cache `slot`, then attention over the cache
-        (`bias` hides empty and pruned slots; the new slot must be visible). Returns (out, k_cache, v_cache)."""
+        (`bias` hides empty and pruned slots; the new slot must be visible): one slot for every row, or an int [B]
+        array, a slot per row. Returns (out, k_cache, v_cache)."""
         q, k, v = self.qkv(x, cos, sin)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
+        if jnp.ndim(slot) == 0:
+            k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
+        else:
+            rows = jnp.arange(x.shape[0])
+            k_cache = k_cache.at[rows, slot].set(k[:, 0].astype(k_cache.dtype))
+            v_cache = v_cache.at[rows, slot].set(v[:, 0].astype(v_cache.dtype))
         out = attention(q, k_cache, v_cache, bias, causal=False)  # [B, 1, N, H]
         return self.o_proj(out.reshape(x.shape[0], 1, -1)), k_cache, v_cache
 

@@ -4,9 +4,11 @@
     GET  /v1/models             the one model served
     GET  /                      a page: ask about an uploaded image, read the answer as it streams, see what ATP kept
     GET  /health                {"status": "ok"}
-    GET  /metrics               Prometheus text: requests by status, TTFT and latency, tokens, kept visual tokens
+    GET  /metrics               Prometheus text: requests by status, TTFT and latency, tokens, kept visual tokens,
+                                rows busy, requests waiting, the KV cache held
 
-Requests are answered by a `Batcher` (requests that arrive together share a prefill and a decode). Errors come
+Requests are answered by a `Batcher` (continuous batching: requests join the running decode between chunks, those
+that arrive together share a prefill, and a finished request frees its row at once). Errors come
 as OpenAI-style bodies: 400 for a bad request, 401 for a wrong API key, 404 for an unknown model, 503 with
 Retry-After when the queue is full, 504 when the answer took longer than the request timeout.
 """
@@ -28,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from atp_jax.data.images import load_image
 from atp_jax.infer.runner import InferError, Runner
+from atp_jax.infer.slots import SlotDecoder
 from atp_jax.infer.visualize import kept_picture
 from atp_jax.pruning.accounting import flops_ratio
 from atp_jax.serve import chat
@@ -35,6 +38,7 @@ from atp_jax.serve.batcher import Batcher, Busy, Job
 from atp_jax.serve.metrics import ServerMetrics
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+WARMUP_QUESTION = "What is in this picture? Describe it in a few words."  # a prompt of a usual length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,30 +51,57 @@ class ServeOptions:
     batch_window_s: float = 0.01
     timeout_s: float = 300.0
     retry_after_s: int = 1
+    warmup: bool = False  # compile the prefill and decode programs before serving (`SlotDecoder.warm_up`)
 
 
 def _error(e: chat.ApiError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+class _KeyAndCount:
+    """ASGI middleware: checks the API key on /v1/ requests and counts chat-completion responses by status. (A
+    plain ASGI middleware, not `@app.middleware("http")`, whose wrapped receive hides a client's disconnect.)"""
+
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.api_key is not None and path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                response = _error(chat.ApiError(401, "incorrect API key", code="invalid_api_key",
+                                                kind="authentication_error"))
+                return await response(scope, receive, send)
+        if path != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+
+        async def counting(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(str(message["status"])).inc()
+            await send(message)
+
+        return await self.app(scope, receive, counting)
+
+
 def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
     app = FastAPI(title="atp_jax", docs_url=None, redoc_url=None)
-    batcher = Batcher(runner, options.max_batch, options.max_queue, options.batch_window_s)
+    decoder = SlotDecoder(runner, options.max_batch)
+    if options.warmup:
+        from PIL import Image
+
+        prompt = runner.prepare(WARMUP_QUESTION, Image.new("RGB", (runner.image_size,) * 2, (128, 128, 128)),
+                                chat.DEFAULT_MAX_TOKENS)
+        decoder.warm_up(prompt, chat.DEFAULT_MAX_TOKENS)
+    batcher = Batcher(decoder, options.max_queue, options.batch_window_s)
     metrics = ServerMetrics()
+    metrics.watch(lambda: decoder.busy, batcher.queue.qsize, lambda: decoder.kv_bytes)
     app.state.batcher, app.state.metrics = batcher, metrics
     models = (options.model_name,)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if options.api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
-                return _error(chat.ApiError(401, "incorrect API key", code="invalid_api_key",
-                                            kind="authentication_error"))
-        response = await call_next(request)
-        if request.url.path == "/v1/chat/completions":
-            metrics.requests.labels(str(response.status_code)).inc()
-        return response
+    app.add_middleware(_KeyAndCount, api_key=options.api_key, metrics=metrics)
 
     @app.get("/health")
     async def health():

@@ -1,10 +1,11 @@
-"""Requests that arrive together answered as one batch, on one worker thread that owns the model.
+"""Continuous batching of requests on one worker thread that owns the model.
 
-A request waits in a bounded queue (full: `Busy`, the server's 503). The worker takes the oldest one, gathers
-those that come within `window_s` with the same generation settings, up to `max_batch`, and answers them with
-one prefill and one decode (per-instance pruning: a row's answer does not depend on its batch). Each row's text
-streams to its request as it is decoded; a request whose client is gone or whose deadline passed stops
-decoding at the next chunk.
+A request waits in a bounded queue (full: `Busy`, the server's 503). Between decode chunks the worker admits
+the waiting requests into the free rows of a `SlotDecoder` (those that arrived together share one prefill;
+when nothing is running it waits `window_s` for company), then decodes every running row one chunk. A row
+whose request is done (EOS, its token budget, a stop string) or gone (client left, deadline passed) is freed at
+once for the next request. Each row's text streams to its request as it is decoded; every row has its own
+settings, so a request's answer does not depend on what it ran beside.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from collections.abc import Callable
 import numpy as np
 
 from atp_jax.infer.generate import Sampling
-from atp_jax.infer.runner import Prompt, Runner
+from atp_jax.infer.runner import Prompt, answer_result
+from atp_jax.infer.slots import Admitted, RowSpec, SlotDecoder
+from atp_jax.infer.text import STOP_STRINGS, StopWatcher
 
 
 class Busy(Exception):
     """The queue is full: try again later."""
+
+
+class Closed(RuntimeError):
+    """The server stopped before the request was answered."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -36,30 +43,79 @@ class Job:
     stops: tuple[str, ...]
     deadline: float  # time.monotonic() after which nobody waits for the answer
     arrived: float = dataclasses.field(default_factory=time.monotonic)
-    started: float | None = None  # when its batch started
+    started: float | None = None  # when its prefill started
     on_text: Callable[[str], None] | None = None  # called on the worker thread with each new piece of text
     done: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    @property
-    def settings(self) -> tuple:
-        return self.max_new_tokens, self.sampling, self.seed, self.stops
 
     def gone(self) -> bool:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
 
 
+@dataclasses.dataclass
+class Stats:
+    """What the worker did since the last `reset()`: the prefill batch sizes (size -> count), the most rows busy
+    at once, the largest KV cache the pool held and the largest per row of it, the decode chunks run and the
+    requests dropped because nobody waited for them any more (before or while they ran)."""
+
+    prefills: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    peak_busy: int = 0
+    peak_kv_bytes: int = 0
+    peak_kv_bytes_per_row: int = 0
+    chunks: int = 0
+    dropped: int = 0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class Running:
+    """A request in a row: its tokens so far, streamed through a StopWatcher."""
+
+    def __init__(self, job: Job, admitted: Admitted, tokenizer, eos_id: int):
+        self.job, self.admitted, self.eos_id = job, admitted, eos_id
+        self.stops = STOP_STRINGS + tuple(job.stops)
+        self.tokens: list[int] = []
+        on_text = None if job.on_text is None else (lambda _, text: job.on_text(text) if not job.gone() else None)
+        self.watcher = StopWatcher(tokenizer, eos_id, 1, on_text, self.stops)
+        self.first_at = time.monotonic()
+        self.finished = False
+
+    def add(self, tokens: list[int]) -> bool:
+        """Takes the row's new tokens; True once the answer is complete."""
+        self.tokens += tokens
+        n = len(self.tokens)
+        stopped = self.watcher(np.array([self.tokens]), n)[0]
+        self.finished = bool(stopped or self.eos_id in tokens or n >= self.job.max_new_tokens)
+        return self.finished
+
+    def result(self, tokenizer) -> dict:
+        row = self.tokens[:self.tokens.index(self.eos_id)] if self.eos_id in self.tokens else self.tokens
+        decode_s = time.monotonic() - self.first_at
+        a = self.admitted
+        result = answer_result(row, tokenizer, self.stops, self.job.max_new_tokens, a.visual_per_layer, a.keep,
+                               len(self.job.prompt.input_ids), a.ttft_s,
+                               (len(self.tokens) - 1) / decode_s if len(self.tokens) > 1 and decode_s > 0 else 0.0)
+        self.watcher.finish(0, result["answer"])
+        return result
+
+
 class Batcher:
-    def __init__(self, runner: Runner, max_batch: int = 8, max_queue: int = 64, window_s: float = 0.01):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
-        self.runner, self.max_batch, self.window_s = runner, max_batch, window_s
+    def __init__(self, decoder: SlotDecoder, max_queue: int = 64, window_s: float = 0.01):
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        self.decoder, self.window_s = decoder, window_s
+        self.tokenizer, self.eos_id = decoder.runner.tokenizer, decoder.runner.eos_id
         self.queue: queue.Queue[Job | None] = queue.Queue(max_queue)
-        self.held: collections.deque[Job] = collections.deque()  # taken from the queue, for a later batch
-        self.batches: list[int] = []  # the size of every batch run, in order
-        self.kv_bytes: list[int] = []  # the KV cache each batch held, in order
+        self.running: dict[int, Running] = {}  # ticket -> request
+        self.stats = Stats()
+        self.closing = False
         self.thread = threading.Thread(target=self._loop, name="atp_jax-batcher", daemon=True)
         self.thread.start()
+
+    @property
+    def max_batch(self) -> int:
+        return self.decoder.max_rows
 
     def submit(self, job: Job) -> Job:
         try:
@@ -69,62 +125,106 @@ class Batcher:
         return job
 
     def close(self) -> None:
+        """Stops the worker; requests not answered yet get `Closed`."""
         self.queue.put(None)
         self.thread.join()
 
-    def _next(self, timeout: float | None) -> Job | None:
-        if self.held:
-            return self.held.popleft()
-        return self.queue.get(timeout=timeout) if timeout is None or timeout > 0 else self.queue.get_nowait()
-
-    def _gather(self, first: Job) -> list[Job]:
-        batch, aside = [first], []
-        end = time.monotonic() + self.window_s
-        while len(batch) < self.max_batch:
+    def _take(self, n: int, block: bool) -> list[Job]:
+        """Up to `n` waiting requests. `block` (nothing runs): waits for the first one, then `window_s` for
+        company; otherwise takes only what is there."""
+        jobs: list[Job] = []
+        try:
+            job = self.queue.get() if block else self.queue.get_nowait()
+        except queue.Empty:
+            return jobs
+        end = time.monotonic() + (self.window_s if block else 0.0)
+        while True:
+            if job is None:
+                self.closing = True
+                break
+            if job.gone():  # nobody waits for it any more
+                job.done.cancel()
+                self.stats.dropped += 1
+            else:
+                jobs.append(job)
+            if len(jobs) == n:
+                break
             try:
-                job = self._next(end - time.monotonic())
+                left = end - time.monotonic()
+                job = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None:
-                self.queue.put(None)  # close() after this batch
-                break
-            (batch if job.settings == first.settings else aside).append(job)
-        self.held.extend(aside)
-        return batch
+        return jobs
 
     def _loop(self) -> None:
+        while not self.closing:
+            free = self.decoder.free
+            jobs = self._take(free, block=not self.running) if free else []
+            if jobs:
+                self._admit(jobs)
+            if self.running:
+                self._step()
+        for running in self.running.values():
+            running.job.done.set_exception(Closed("the server stopped"))
         while True:
-            first = self._next(None)
-            if first is None:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
                 return
-            batch = []
-            for job in self._gather(first):
-                if job.gone():  # nobody waits for it any more
-                    job.done.cancel()
-                else:
-                    batch.append(job)
-            if not batch:
-                continue
-            self._run(batch)
+            if job is not None:
+                job.done.set_exception(Closed("the server stopped"))
 
-    def _run(self, batch: list[Job]) -> None:
-        max_new_tokens, sampling, seed, stops = batch[0].settings
-        for job in batch:
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            if not job.done.done():
+                job.done.set_exception(error)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        for job in jobs:
             job.started = time.monotonic()
-
-        def on_row_text(b: int, text: str) -> None:
-            if batch[b].on_text is not None and not batch[b].gone():
-                batch[b].on_text(text)
-
         try:
-            results = self.runner.run([job.prompt for job in batch], max_new_tokens, sampling, seed,
-                                      on_row_text=on_row_text, stops=stops,
-                                      cancelled=lambda: np.array([job.gone() for job in batch]))
+            admitted = self.decoder.admit([j.prompt for j in jobs],
+                                          [RowSpec(j.max_new_tokens, j.sampling, j.seed) for j in jobs])
         except Exception as e:  # every waiting request hears of it
-            for job in batch:
-                job.done.set_exception(e)
+            self._fail(jobs, e)
             return
-        self.kv_bytes.append(results[0]["batch_kv_cache_bytes"])
-        self.batches.append(len(batch))
-        for job, result in zip(batch, results, strict=True):
-            job.done.set_result(result)
+        self.stats.prefills[len(jobs)] += 1
+        for job, a in zip(jobs, admitted, strict=True):
+            self.running[a.ticket] = Running(job, a, self.tokenizer, self.eos_id)
+            if self.running[a.ticket].add([a.first_token]):
+                self._finish(a.ticket)
+
+    def _step(self) -> None:
+        for ticket in [t for t, r in self.running.items() if r.job.gone()]:
+            self.running.pop(ticket).job.done.cancel()
+            self.decoder.release(ticket)
+            self.stats.dropped += 1
+        if not self.running:
+            return
+        s = self.stats
+        s.chunks += 1
+        s.peak_busy = max(s.peak_busy, self.decoder.busy)
+        s.peak_kv_bytes = max(s.peak_kv_bytes, self.decoder.kv_bytes)
+        s.peak_kv_bytes_per_row = max(s.peak_kv_bytes_per_row, self.decoder.kv_bytes // self.decoder.rows)
+        try:
+            new = self.decoder.step()
+        except Exception as e:
+            self._fail([r.job for r in self.running.values()], e)
+            self.running.clear()
+            self.decoder.reset()
+            return
+        for ticket, tokens in new.items():
+            if self.running[ticket].add(tokens):
+                self._finish(ticket)
+
+    def _finish(self, ticket: int) -> None:
+        running = self.running.pop(ticket)
+        self.decoder.release(ticket)
+        if running.job.done.done():
+            return
+        try:
+            result = running.result(self.tokenizer)
+        except Exception as e:
+            running.job.done.set_exception(e)
+            return
+        running.job.done.set_result(result)
