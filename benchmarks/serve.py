@@ -5,8 +5,9 @@
 For each method the app (`atp_jax.serve`) runs on 127.0.0.1 in this process and `--clients` client threads
 send `--requests` streamed chat requests between them (an image and a question each; greedy, `--new-tokens`
 tokens), each client waiting for its answer before sending the next; a pass stops early at `--time-limit`
-seconds. The same pass runs until one compiles nothing (at most 4 times: the batch sizes the timing makes and
-ATP's capacities need their programs), then once more, measured; its XLA compiles are counted and reported.
+seconds. The same pass runs until one compiles nothing (at most 8 times: the batch sizes and pool shapes the timing
+makes and ATP's capacities need their programs), then once more, measured; its XLA compiles are counted and
+reported.
 Figures: requests/s, p50 and p99 time to first token (as the server measures it from the request's arrival:
 the random model's tokens mostly decode to no text, so a client sees its first text late) and latency (the
 client's, to the last chunk), completion tokens/s, the server's prefill batch sizes and the most rows decoding
@@ -51,7 +52,7 @@ from benchmarks.common import SEED, TEXT_TOKENS, bench_config, emit, environment
 from benchmarks.prefill import calibrate_atp  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-WARM_PASSES = 4
+WARM_PASSES = 8
 QUESTIONS = ("What is in the picture?", "Describe the image in detail.", "What colour is the largest object?",
              "How many objects are there, and where are they?")
 

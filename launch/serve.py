@@ -32,6 +32,8 @@ def build_parser() -> Parser:
     p.add_argument("--mode", choices=MODES, default="compact",
                    help="compact: pruned tokens leave compute and cache; masked: they are hidden")
     p.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: as stored)")
+    p.add_argument("--tensor", type=int, default=1, help="split the weights and the KV cache over this many of "
+                   "the host's accelerators (tensor parallel; default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     if args.compilation_cache:
         enable_compilation_cache(args.compilation_cache)
     try:
-        runner = load(args.checkpoint, args.tokenizer, args.prune, args.mode, args.dtype)
+        runner = load(args.checkpoint, args.tokenizer, args.prune, args.mode, args.dtype, args.tensor)
     except InferError as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
     if args.warmup:
         print("warming up: compiling the programs of every batch size", file=sys.stderr)
     app = create_app(runner, options)
-    print(f"serving {options.model_name} (prune={args.prune}, mode={args.mode}) on http://{args.host}:{args.port}",
+    print(f"serving {options.model_name} (prune={args.prune}, mode={args.mode}, tensor={args.tensor}) on "
+          f"http://{args.host}:{args.port}",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

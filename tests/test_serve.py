@@ -308,10 +308,28 @@ def test_the_command_line_refuses_mistakes_in_one_line(server, tmp_path):
     cases = [(["--checkpoint", tmp_path / "nothing"], "nothing"),
              (["--checkpoint", ckpt, "--max-batch", "0"], "--max-batch"),
              (["--checkpoint", ckpt, "--prune", "magic"], "--prune"),
-             (["--checkpoint", ckpt, "--image-dir", tmp_path / "none"], "--image-dir")]
+             (["--checkpoint", ckpt, "--image-dir", tmp_path / "none"], "--image-dir"),
+             (["--checkpoint", ckpt, "--tensor", "0"], "--tensor 0")]
     for args, needle in cases:
         code, out, err = run_main(main, *args)
         assert code == 2 and out == "" and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_a_model_split_over_devices_answers_as_on_one(server, images):
+    """--tensor 2: weights and KV cache split over two (CPU) devices; continuous batching gives the same answers."""
+    from atp_jax.infer.slots import SlotDecoder
+    from atp_jax.serve.batcher import Batcher, Job
+
+    split = rn.load(server["checkpoint"], prune="atp", mode="compact", tensor=2)
+    assert len(split.pruned.llava.language_model.lm_head.kernel[...].sharding.device_set) == 2
+    batcher = Batcher(SlotDecoder(split, max_rows=4), window_s=0.0)
+    jobs = [batcher.submit(Job(split.prepare(QUESTION, im, 9), 9, rn.GREEDY, 0, (), deadline=time.monotonic() + 60))
+            for im in images[:3]]
+    assert [job.done.result(60)["answer"] for job in jobs] == [single(server, im)["answer"] for im in images[:3]]
+    assert batcher.decoder.pool is None  # every row released
+    batcher.close()
+    with pytest.raises(rn.OptionError, match="tensor 9"):
+        rn.load(server["checkpoint"], tensor=9)
 
 
 def test_warm_up_compiles_the_prefill_and_decode_programs_requests_then_run(server):

@@ -235,10 +235,14 @@ def answer_result(row: Sequence[int], tokenizer, stops: Sequence[str], max_new_t
 
 
 def load(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None, prune: str = "atp",
-         mode: str = "compact", dtype: str | None = None) -> Runner:
+         mode: str = "compact", dtype: str | None = None, tensor: int = 1) -> Runner:
     """The model of `checkpoint` (a converted atp_jax directory or an HF llava directory), its tokenizer (from
     `tokenizer_dir` when given, else from the checkpoint directory) and pruning by `prune`: the checkpoint's
-    trained ATP thresholds when it has them, else the default placement for its depth. Raises InferError."""
+    trained ATP thresholds when it has them, else the default placement for its depth. `tensor`: split the
+    weights (and so the KV cache's heads) over this many of the local devices, as training's tensor axis does;
+    the programs then run on all of them. Raises InferError."""
+    import jax
+
     from atp_jax.convert.checkpoint import check_complete, load_pretrained
     from atp_jax.convert.readers import CheckpointError
     from atp_jax.models.config import ConfigError
@@ -250,6 +254,9 @@ def load(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike | None 
         raise OptionError("mode", f"{mode!r}: expected one of {', '.join(MODES)}")
     if dtype is not None and dtype not in DTYPES:
         raise OptionError("dtype", f"{dtype!r}: expected one of {', '.join(DTYPES)}")
+    if not 1 <= tensor <= jax.local_device_count():
+        raise OptionError("tensor", f"{tensor}: must lie in [1, {jax.local_device_count()}], the devices here "
+                          f"({jax.local_devices()[0].platform})")
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise InferError(f"checkpoint {checkpoint}: no such directory")
@@ -269,6 +276,10 @@ def load(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike | None 
         pruned, trained = load_pruned(checkpoint, llava, method=prune)
     except ValueError as e:  # a pruning config that does not fit this model
         raise InferError(f"{checkpoint}: cannot set up pruning: {e}") from e
+    if tensor > 1:
+        from atp_jax.sharding import make_mesh, shard_state
+
+        shard_state(pruned, make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.local_devices()[:tensor]))
     return Runner(pruned=pruned, tokenizer=tokenizer, mode=mode, trained=trained, checkpoint=checkpoint)
 
 

@@ -189,8 +189,13 @@ def empty_pool(template: Sequence[Segment], rows: int, lengths: Sequence[int]) -
 def remap(pool: Pool, index: np.ndarray, lengths: Sequence[int]) -> Pool:
     """A pool whose row i is `pool`'s row `index[i]` (-1: an empty row), with `lengths` slots per segment (a
     row's generation must fit in them)."""
-    take = jnp.asarray(np.maximum(index, 0))
-    empty = jnp.asarray(index < 0)
+    return _remap(pool, jnp.asarray(index, jnp.int32), tuple(lengths))
+
+
+@functools.partial(jax.jit, static_argnames=("lengths",))
+def _remap(pool: Pool, index: Int[Array, " R"], lengths: tuple[int, ...]) -> Pool:
+    take = jnp.maximum(index, 0)
+    empty = index < 0
 
     def fit(x, axis, length):  # cut or pad the slot axis to `length`
         x = jax.lax.slice_in_dim(x, 0, min(length, x.shape[axis]), axis=axis)
@@ -228,7 +233,7 @@ class SlotDecoder:
         self.row_of: dict[int, int] = {}  # ticket -> row
         self.needs: dict[int, tuple[int, ...]] = {}  # ticket -> the slots its generation needs per segment
         self.next_ticket = 0
-        self.floor: tuple[int, ...] | None = None  # the pool's least slots per segment (set by warm_up)
+        self.min_budget = 0  # every row has room for at least this many new tokens (set by warm_up)
 
     @property
     def busy(self) -> int:
@@ -265,7 +270,8 @@ class SlotDecoder:
         start = time.perf_counter()
         out = prefill(self.runner.pruned, ids, np.stack([p.pixels for p in padded]), mask, mode=self.runner.mode)
         capacities = [seg.visible.shape[1] for seg in out.cache]
-        needs = [tuple(c + round_up(s.max_new_tokens, self.budget_multiple) for c in capacities) for s in specs]
+        needs = [tuple(c + max(round_up(s.max_new_tokens, self.budget_multiple), self.min_budget)
+                       for c in capacities) for s in specs]
         self._fit(n, out.cache, needs)
         taken = set(self.row_of.values())
         rows = [r for r in range(self.pool.rows) if r not in taken][:n]
@@ -310,15 +316,14 @@ class SlotDecoder:
     def warm_up(self, prompt, max_new_tokens: int) -> list[int]:
         """Compiles the programs that requests with prompts of `prompt`'s length and budgets up to
         `max_new_tokens` run: the prefill of every batch size and the decode chunk of every pool size (from now
-        on the pool's slots never fall below what these requests need, so smaller budgets reuse the programs).
+        on every row has room for at least `max_new_tokens`, so smaller budgets reuse the programs).
         The small programs that move rows between pool sizes compile on first use; ATP's compact capacities
         follow what it keeps on real images, so a few more prefills may compile until they settle. Returns the
         batch sizes warmed."""
         sizes = sorted({self.bucket(n) for n in range(1, self.max_rows + 1)})
+        self.min_budget = max(self.min_budget, round_up(max_new_tokens, self.budget_multiple))
         for n in sizes + sizes:  # twice: ATP's compact capacities, planned from the first prefill, settle
             admitted = self.admit([prompt] * n, [RowSpec(max_new_tokens)] * n)
-            self.floor = tuple(max(a, b) for a, b in zip(self.floor or self.pool.lengths, self.pool.lengths,
-                                                         strict=True))
             self.step()
             for a in admitted:
                 self.release(a.ticket)
@@ -329,8 +334,7 @@ class SlotDecoder:
         self.pool, self.row_of, self.needs = None, {}, {}
 
     def _lengths(self, needs) -> tuple[int, ...]:
-        lengths = tuple(round_up(max(column), self.length_multiple) for column in zip(*needs, strict=True))
-        return lengths if self.floor is None else tuple(map(max, lengths, self.floor))
+        return tuple(round_up(max(column), self.length_multiple) for column in zip(*needs, strict=True))
 
     def _fit(self, n: int, template: Sequence[Segment], needs: list[tuple[int, ...]]) -> None:
         """Grows the pool to hold `n` more rows whose generations need `needs` slots."""
