@@ -145,20 +145,23 @@ def decode_chunk(graphdef, state, pool: Pool, steps: int, eos_id: int) -> tuple[
 
 
 @functools.partial(jax.jit, static_argnames=("eos_id",), donate_argnames=("pool",))
-def admit_rows(pool: Pool, rows: Int[Array, " n"], cache: tuple[Segment, ...], logits: Float[Array, "n V"],
-               limit, seed, temperature, top_k, top_p, eos_id: int) -> tuple[Pool, Int[Array, " n"]]:
+def admit_rows(pool: Pool, rows: Int[Array, " n"], cache: tuple[Segment, ...], bases: Int[Array, " segments"],
+               logits: Float[Array, "n V"], limit, seed, temperature, top_k, top_p, eos_id: int
+               ) -> tuple[Pool, Int[Array, " n"]]:
     """Puts prefilled requests into pool `rows` (a row index of `pool.rows` or more drops that request: batch
-    padding) and samples their first tokens."""
+    padding) and samples their first tokens. `bases`: per segment, the slot of the first generated token; the
+    slots from there on hold no kept token, and a segment of `cache` longer than the pool's is cut."""
     first = sample_rows(logits, seed, jnp.zeros_like(seed), temperature, top_k, top_p)
     segments = []
-    for ps, s in zip(pool.segments, cache, strict=True):
-        c, length = s.visible.shape[1], ps.visible.shape[1]
+    for i, (ps, s) in enumerate(zip(pool.segments, cache, strict=True)):
+        length = ps.visible.shape[1]
+        c = min(s.visible.shape[1], length)
         segments.append(dataclasses.replace(
-            ps, k=ps.k.at[:, rows, :c].set(s.k.astype(ps.k.dtype), mode="drop"),
-            v=ps.v.at[:, rows, :c].set(s.v.astype(ps.v.dtype), mode="drop"),
-            visible=ps.visible.at[rows].set(jnp.pad(s.visible, ((0, 0), (0, length - c))), mode="drop"),
+            ps, k=ps.k.at[:, rows, :c].set(s.k[:, :, :c].astype(ps.k.dtype), mode="drop"),
+            v=ps.v.at[:, rows, :c].set(s.v[:, :, :c].astype(ps.v.dtype), mode="drop"),
+            visible=ps.visible.at[rows].set(jnp.pad(s.visible[:, :c], ((0, 0), (0, length - c))), mode="drop"),
             next_position=ps.next_position.at[rows].set(s.next_position, mode="drop"),
-            base=ps.base.at[rows].set(c, mode="drop")))
+            base=ps.base.at[rows].set(bases[i], mode="drop")))
 
     def put(x, values):
         return x.at[rows].set(values.astype(x.dtype), mode="drop")
@@ -217,9 +220,11 @@ class SlotDecoder:
     chunk, `release` frees a finished request's row. Not thread-safe: one thread drives it.
 
     `max_rows`: requests decoded together at most. Rows come in powers of two up to it, and so do prefill
-    batches (a batch is padded with copies of its last request), bounding the compiled programs. Each segment's
-    slots hold a row's prompt capacity plus its token budget rounded up to `budget_multiple`, the pool's
-    rounded up to `length_multiple`.
+    batches (a batch is padded with copies of its last request), bounding the compiled programs. A row needs,
+    in each segment, the slots of the tokens its prompt kept there plus its token budget (rounded up to
+    `budget_multiple`); the pool's slots per segment are the most any row needed so far, rounded up to
+    `length_multiple`. They only grow (an emptied pool comes back at the same size), so the shapes, and the
+    compiled programs, settle.
     """
 
     def __init__(self, runner, max_rows: int, chunk: int = 8, budget_multiple: int = 32,
@@ -230,10 +235,9 @@ class SlotDecoder:
         self.budget_multiple, self.length_multiple = budget_multiple, length_multiple
         self.graphdef, self.state = nnx.split(runner.pruned)
         self.pool: Pool | None = None
+        self.lengths: tuple[int, ...] | None = None  # the pool's slots per segment, the most needed so far
         self.row_of: dict[int, int] = {}  # ticket -> row
-        self.needs: dict[int, tuple[int, ...]] = {}  # ticket -> the slots its generation needs per segment
         self.next_ticket = 0
-        self.min_budget = 0  # every row has room for at least this many new tokens (set by warm_up)
 
     @property
     def busy(self) -> int:
@@ -269,17 +273,17 @@ class SlotDecoder:
         ids, mask = pad_prompts([p.input_ids for p in padded], self.runner.pad_id, PAD_MULTIPLE)
         start = time.perf_counter()
         out = prefill(self.runner.pruned, ids, np.stack([p.pixels for p in padded]), mask, mode=self.runner.mode)
-        capacities = [seg.visible.shape[1] for seg in out.cache]
-        needs = [tuple(c + max(round_up(s.max_new_tokens, self.budget_multiple), self.min_budget)
-                       for c in capacities) for s in specs]
-        self._fit(n, out.cache, needs)
+        budget = round_up(max(s.max_new_tokens for s in specs), self.budget_multiple)
+        kept = self._kept_slots(out, int(mask.sum(1).max()))
+        self._fit(n, out.cache, tuple(k + budget for k in kept))
         taken = set(self.row_of.values())
         rows = [r for r in range(self.pool.rows) if r not in taken][:n]
         specs = list(specs) + [specs[-1]] * (batch - n)
         settings = [np.array([getattr(s.sampling, name) for s in specs], dtype)
                     for name, dtype in (("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32))]
         self.pool, first = admit_rows(
-            self.pool, jnp.asarray(rows + [self.pool.rows] * (batch - n), jnp.int32), out.cache, out.logits[:, 0],
+            self.pool, jnp.asarray(rows + [self.pool.rows] * (batch - n), jnp.int32), out.cache,
+            jnp.asarray(kept, jnp.int32), out.logits[:, 0],
             jnp.asarray([s.max_new_tokens for s in specs], jnp.int32), jnp.asarray([s.seed for s in specs], jnp.int32),
             *map(jnp.asarray, settings), eos_id=self.runner.eos_id)
         first = np.asarray(first)
@@ -288,7 +292,7 @@ class SlotDecoder:
         admitted = []
         for i, row in enumerate(rows):
             ticket, self.next_ticket = self.next_ticket, self.next_ticket + 1
-            self.row_of[ticket], self.needs[ticket] = row, needs[i]
+            self.row_of[ticket] = row
             admitted.append(Admitted(ticket, int(first[i]), per_layer[i], keep[i], ttft))
         return admitted
 
@@ -303,25 +307,23 @@ class SlotDecoder:
 
     def release(self, ticket: int) -> None:
         """Frees the ticket's row; the pool shrinks when at most half its rows are busy."""
-        del self.row_of[ticket], self.needs[ticket]
+        del self.row_of[ticket]
         if not self.row_of:
             self.pool = None
         elif self.bucket(self.busy) < self.pool.rows:
             tickets = sorted(self.row_of)
             index = np.full(self.bucket(self.busy), -1)
             index[:len(tickets)] = [self.row_of[t] for t in tickets]
-            self.pool = remap(self.pool, index, self._lengths(self.needs.values()))
+            self.pool = remap(self.pool, index, self.pool.lengths)
             self.row_of = {t: i for i, t in enumerate(tickets)}
 
     def warm_up(self, prompt, max_new_tokens: int) -> list[int]:
-        """Compiles the programs that requests with prompts of `prompt`'s length and budgets up to
-        `max_new_tokens` run: the prefill of every batch size and the decode chunk of every pool size (from now
-        on every row has room for at least `max_new_tokens`, so smaller budgets reuse the programs).
-        The small programs that move rows between pool sizes compile on first use; ATP's compact capacities
-        follow what it keeps on real images, so a few more prefills may compile until they settle. Returns the
-        batch sizes warmed."""
+        """Compiles the programs that requests with prompts like `prompt` (its length, and for ATP the tokens it
+        keeps) and budgets up to `max_new_tokens` run: the prefill of every batch size, and the admission and
+        decode chunk of every pool size. The small programs that move rows between pool sizes compile on first
+        use, and a prompt that keeps more tokens, or a longer budget, grows the pool once. Returns the batch
+        sizes warmed."""
         sizes = sorted({self.bucket(n) for n in range(1, self.max_rows + 1)})
-        self.min_budget = max(self.min_budget, round_up(max_new_tokens, self.budget_multiple))
         for n in sizes + sizes:  # twice: ATP's compact capacities, planned from the first prefill, settle
             admitted = self.admit([prompt] * n, [RowSpec(max_new_tokens)] * n)
             self.step()
@@ -331,19 +333,23 @@ class SlotDecoder:
 
     def reset(self) -> None:
         """Drops every row (after a failure)."""
-        self.pool, self.row_of, self.needs = None, {}, {}
+        self.pool, self.row_of = None, {}
 
-    def _lengths(self, needs) -> tuple[int, ...]:
-        return tuple(round_up(max(column), self.length_multiple) for column in zip(*needs, strict=True))
+    def _kept_slots(self, out, prompt_tokens: int) -> list[int]:
+        """Per segment of `out`'s cache, the slots that hold what any row kept: every row's tokens lie in the
+        first ones (prompts are right-padded; a compact prefill gathers the kept tokens to the front)."""
+        if self.runner.mode != "compact":
+            return [prompt_tokens] * len(out.cache)  # masked: the prompt's slots, the pruned ones hidden
+        return [prompt_tokens, *np.asarray(out.needed).tolist()][:len(out.cache)]
 
-    def _fit(self, n: int, template: Sequence[Segment], needs: list[tuple[int, ...]]) -> None:
-        """Grows the pool to hold `n` more rows whose generations need `needs` slots."""
+    def _fit(self, n: int, template: Sequence[Segment], need: tuple[int, ...]) -> None:
+        """Grows the pool to hold `n` more rows that need `need` slots per segment."""
         rows = self.bucket(self.busy + n)
+        need = tuple(round_up(k, self.length_multiple) for k in need)
+        self.lengths = need if self.lengths is None else tuple(map(max, self.lengths, need))
         if self.pool is None:
-            self.pool = empty_pool(template, rows, self._lengths(needs))
-            return
-        lengths = tuple(max(a, b) for a, b in zip(self.pool.lengths, self._lengths(needs), strict=True))
-        if rows > self.pool.rows or lengths != self.pool.lengths:
+            self.pool = empty_pool(template, rows, self.lengths)
+        elif rows > self.pool.rows or self.lengths != self.pool.lengths:
             index = np.full(rows, -1)
             index[:self.pool.rows] = np.arange(self.pool.rows)
-            self.pool = remap(self.pool, index, lengths)
+            self.pool = remap(self.pool, index, self.lengths)
