@@ -85,7 +85,11 @@ def main(argv=None) -> int:
                            warmup=args.warmup)
     if args.warmup:
         print("warming up: compiling the programs of every batch size", file=sys.stderr)
-    app = create_app(runner, options)
+    try:
+        app = create_app(runner, options)
+    except InferError as e:  # a context window too small for the warm-up's question
+        print(f"error: --warmup: {user_message(e)}", file=sys.stderr)
+        return 2
     print(f"serving {options.model_name} (prune={args.prune}, mode={args.mode}, tensor={args.tensor}) on "
           f"http://{args.host}:{args.port}",
           file=sys.stderr)

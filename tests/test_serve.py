@@ -350,6 +350,9 @@ def test_warm_up_compiles_the_prefill_and_decode_programs_requests_then_run(serv
     assert all(job.done.result(60)["token_ids"] is not None for job in jobs)
     batcher.close()
     assert (prefill_program._cache_size(), decode_chunk._cache_size()) == compiled
+    app = create_app(runner, ServeOptions(model_name=MODEL, max_batch=2, warmup=True))  # --warmup: it fits the
+    assert app.state.batcher.decoder.lengths is not None  # context window (160 tokens here, not 256 new ones)
+    app.state.batcher.close()
 
 
 def test_a_client_that_leaves_stops_its_decoding(server, client, images, monkeypatch):

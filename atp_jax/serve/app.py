@@ -92,9 +92,8 @@ def create_app(runner: Runner, options: ServeOptions) -> FastAPI:
     if options.warmup:
         from PIL import Image
 
-        prompt = runner.prepare(WARMUP_QUESTION, Image.new("RGB", (runner.image_size,) * 2, (128, 128, 128)),
-                                chat.DEFAULT_MAX_TOKENS)
-        decoder.warm_up(prompt, chat.DEFAULT_MAX_TOKENS)
+        prompt = runner.prepare(WARMUP_QUESTION, Image.new("RGB", (runner.image_size,) * 2, (128, 128, 128)), 1)
+        decoder.warm_up(prompt, max(1, min(chat.DEFAULT_MAX_TOKENS, runner.max_positions - len(prompt.input_ids))))
     batcher = Batcher(decoder, options.max_queue, options.batch_window_s)
     metrics = ServerMetrics()
     metrics.watch(lambda: decoder.busy, batcher.queue.qsize, lambda: decoder.kv_bytes)
