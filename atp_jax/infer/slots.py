@@ -182,6 +182,7 @@ def empty_pool(template: Sequence[Segment], rows: int, lengths: Sequence[int]) -
         segments.append(SlotSegment(k=zeros, v=jnp.zeros_like(zeros), visible=jnp.zeros((rows, length), bool),
                                     next_position=jnp.zeros(rows, jnp.int32), base=jnp.zeros(rows, jnp.int32),
                                     start=seg.start, stop=seg.stop))
+
     def ints(value):  # a buffer each: the pool is donated
         return jnp.full(rows, value, jnp.int32)
 
