@@ -1,5 +1,6 @@
 """The serving programs compiled for a TPU slice from abstract shapes: the programs `atp_jax.infer.generate`
-runs, for one batch and prompt length, with nothing allocated.
+runs, for one batch and prompt length, with nothing allocated, and the server's decode over the same cache
+(`atp_jax.infer.slots`: continuous batching, a cache slot per row).
 
 - `masked`: one prefill program (every slot cached, pruned keys hidden; with `method="none"` the plain
   prefill), then the decode program over that cache.
@@ -28,6 +29,9 @@ from atp_jax.aot.analysis import ProgramCost, compile_cost
 from atp_jax.aot.chips import chip_count, topology_devices
 from atp_jax.aot.training import on_tpu
 from atp_jax.infer.generate import DecodeState, Sampling, _decode
+from atp_jax.infer.slots import CHUNK as SERVER_CHUNK
+from atp_jax.infer.slots import Pool, SlotSegment
+from atp_jax.infer.slots import decode_chunk as slot_decode
 from atp_jax.models.common import DtypePolicy
 from atp_jax.models.config import LlavaConfig
 from atp_jax.models.kv_cache import Segment
@@ -165,6 +169,8 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
                                        NamedSharding(mesh, jax.sharding.PartitionSpec())))
         run(f"decode ({decode_chunk} steps)", _decode, graphdef, state, ds, steps=decode_chunk, sampling=Sampling(),
             eos_id=cfg.text.eos_token_id)
+        run(f"server decode ({SERVER_CHUNK} steps)", slot_decode, graphdef, state, _pool(cache, batch, rows),
+            steps=SERVER_CHUNK, eos_id=cfg.text.eos_token_id)
     kv = [x for seg in cache for x in (seg.k, seg.v)]
     cache_bytes = sum(x.size * x.dtype.itemsize for x in kv)
     per_chip = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in kv)
@@ -180,6 +186,20 @@ def serving_cost(cfg: LlavaConfig, topology: str, *, method: str = "atp", mode: 
                        programs=tuple(programs), cache_bytes=cache_bytes, cache_bytes_per_chip=per_chip,
                        parameter_bytes=params, possible_programs=possible,
                        attention=on_tpu(attention))
+
+
+def _pool(cache: tuple[Segment, ...], batch: int, rows) -> Pool:
+    """The server's decode pool (`slots.Pool`) over the abstract cache: one row per request, each with its own
+    slot base, budget and sampling settings, laid out like the cache."""
+
+    def per_row(dtype):
+        return _abstract((batch,), dtype, rows)
+
+    segments = tuple(SlotSegment(k=seg.k, v=seg.v, visible=seg.visible, next_position=seg.next_position,
+                                 base=per_row(jnp.int32), start=seg.start, stop=seg.stop) for seg in cache)
+    return Pool(segments=segments, token=per_row(jnp.int32), count=per_row(jnp.int32), limit=per_row(jnp.int32),
+                done=per_row(jnp.bool_), seed=per_row(jnp.int32), temperature=per_row(jnp.float32),
+                top_k=per_row(jnp.int32), top_p=per_row(jnp.float32))
 
 
 def _with_room(seg: Segment, new_tokens: int, mesh) -> Segment:

@@ -27,6 +27,8 @@ from atp_jax.infer.generate import Sampling, prefill, round_up
 from atp_jax.models.kv_cache import Segment
 from atp_jax.models.llama import padding_bias
 
+CHUNK = 8  # decode steps per call: how often requests can join and leave
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -228,7 +230,7 @@ class SlotDecoder:
     compiled programs, settle.
     """
 
-    def __init__(self, runner, max_rows: int, chunk: int = 8, budget_multiple: int = 32,
+    def __init__(self, runner, max_rows: int, chunk: int = CHUNK, budget_multiple: int = 32,
                  length_multiple: int = 64):
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")

@@ -133,7 +133,7 @@ def test_the_serving_programs_compile_for_a_slice_and_compaction_shrinks_the_cac
 
     full = serving_cost(cfg, "v5e:2x2", method="none", batch=batch, prompt_len=prompt, new_tokens=new)
     assert full.mesh == {"data": 1, "fsdp": 1, "tensor": 4} and full.mode == "masked"
-    assert [p.name for p in full.programs] == ["prefill", "decode (16 steps)"]
+    assert [p.name for p in full.programs] == ["prefill", "decode (16 steps)", "server decode (8 steps)"]
     assert full.cache_bytes == cache_bytes([prompt] * 4)
     assert full.cache_bytes_per_chip == full.cache_bytes // 4  # the KV heads split over the tensor axis
 
@@ -141,7 +141,7 @@ def test_the_serving_programs_compile_for_a_slice_and_compaction_shrinks_the_cac
                        new_tokens=new, keep=(0.5, 0.25, 0.125))
     # modules after layers 0, 1, 2; 32 text tokens always stay, plus 8, 4, 2 of the 16 visual ones, in buckets
     assert atp.segment_lengths == (48, 42, 36, 36)
-    assert [p.name for p in atp.programs] == ["prefill (compact)", "decode (16 steps)"]
+    assert [p.name for p in atp.programs] == ["prefill (compact)", "decode (16 steps)", "server decode (8 steps)"]
     assert atp.cache_bytes == cache_bytes([48, 42, 36, 36]) < full.cache_bytes
     assert atp.cache_bytes_per_chip == atp.cache_bytes // 4
     assert atp.possible_programs == {"prefill": 56, "decode": 56}  # non-increasing capacities over 6 buckets
