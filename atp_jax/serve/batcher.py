@@ -79,15 +79,13 @@ class Running:
         on_text = None if job.on_text is None else (lambda _, text: job.on_text(text) if not job.gone() else None)
         self.watcher = StopWatcher(tokenizer, eos_id, 1, on_text, self.stops)
         self.first_at = time.monotonic()
-        self.finished = False
 
     def add(self, tokens: list[int]) -> bool:
         """Takes the row's new tokens; True once the answer is complete."""
         self.tokens += tokens
         n = len(self.tokens)
         stopped = self.watcher(np.array([self.tokens]), n)[0]
-        self.finished = bool(stopped or self.eos_id in tokens or n >= self.job.max_new_tokens)
-        return self.finished
+        return bool(stopped or self.eos_id in tokens or n >= self.job.max_new_tokens)
 
     def result(self, tokenizer) -> dict:
         row = self.tokens[:self.tokens.index(self.eos_id)] if self.eos_id in self.tokens else self.tokens
@@ -112,10 +110,6 @@ class Batcher:
         self.closing = False
         self.thread = threading.Thread(target=self._loop, name="atp_jax-batcher", daemon=True)
         self.thread.start()
-
-    @property
-    def max_batch(self) -> int:
-        return self.decoder.max_rows
 
     def submit(self, job: Job) -> Job:
         try:
