@@ -2,7 +2,7 @@
 
   python launch/serve.py --checkpoint DIR [--prune atp|fastv|pdrop|random|none] [--mode compact|masked]
                          [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--api-key KEY] [--image-dir DIR]
-                         [--warmup]
+                         [--warmup] [--tensor N]
 
 POST /v1/chat/completions takes one user message with a question and one image (a base64 data URL; local paths
 only under --image-dir; the server fetches nothing); GET /v1/models, GET /health, GET /metrics (Prometheus), and

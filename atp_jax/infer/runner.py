@@ -136,21 +136,17 @@ class Runner:
         return Prompt(ids, pixels)
 
     def run(self, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = GREEDY, seed: int = 0,
-            on_text: Callable[[str], None] | None = None, *, on_row_text: Callable[[int, str], None] | None = None,
-            stops: Sequence[str] = (), cancelled: Callable[[], np.ndarray] | None = None) -> list[dict]:
-        """Answers prepared prompts as one batch. Streaming: `on_text(new_text)` for a batch of one, or
-        `on_row_text(row, new_text)` for every row. `stops`: stop strings beyond the conversation's own.
-        `cancelled()`: a bool per row, True where nobody waits for the answer any more (its decoding stops)."""
+            on_text: Callable[[str], None] | None = None) -> list[dict]:
+        """Answers prepared prompts as one batch; `on_text(new_text)` streams the answer of a batch of one."""
         check_options(max_new_tokens, sampling)
-        if on_text is not None and len(prompts) == 1:
-            on_row_text = on_row_text or (lambda b, text: on_text(text))
-        stops = STOP_STRINGS + tuple(stops)
+        on_row_text = (lambda b, text: on_text(text)) if on_text is not None and len(prompts) == 1 else None
         ids, mask = pad_prompts([p.input_ids for p in prompts], self.pad_id, PAD_MULTIPLE)
         pixels = np.stack([p.pixels for p in prompts])
-        watcher = StopWatcher(self.tokenizer, self.eos_id, len(prompts), on_row_text, stops, cancelled)
+        watcher = StopWatcher(self.tokenizer, self.eos_id, len(prompts), on_row_text)
         gen = generate(self.pruned, ids, pixels, mask, max_new_tokens=max_new_tokens, sampling=sampling,
                        eos_id=self.eos_id, seed=seed, mode=self.mode, chunk=DECODE_CHUNK, on_tokens=watcher)
-        results = [self._result(gen, b, len(p.input_ids), stops, max_new_tokens) for b, p in enumerate(prompts)]
+        results = [self._result(gen, b, len(p.input_ids), STOP_STRINGS, max_new_tokens)
+                   for b, p in enumerate(prompts)]
         for b, result in enumerate(results):
             watcher.finish(b, result["answer"])
         return results

@@ -24,6 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from atp_jax.infer.generate import Sampling, prefill, round_up
+from atp_jax.infer.runner import PAD_MULTIPLE, pad_prompts
 from atp_jax.models.kv_cache import Segment
 from atp_jax.models.llama import padding_bias
 
@@ -266,8 +267,6 @@ class SlotDecoder:
 
     def admit(self, prompts: Sequence, specs: Sequence[RowSpec]) -> list[Admitted]:
         """Prefills `prompts` (runner.Prompt) as one batch and puts them into free rows."""
-        from atp_jax.infer.runner import PAD_MULTIPLE, pad_prompts
-
         n = len(prompts)
         if not 0 < n <= self.free or len(specs) != n:
             raise ValueError(f"cannot admit {n} requests ({len(specs)} specs) with {self.free} rows free")

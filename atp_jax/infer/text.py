@@ -44,21 +44,17 @@ def streamable(text: str, stops: Sequence[str] = STOP_STRINGS) -> str:
 
 
 class StopWatcher:
-    """generate()'s `on_tokens` callback: stops a row once its text holds a stop string (or `cancelled()` says
-    so: a client gone) and streams each row's text through `on_text(row, new_text)` (the whole row is decoded
-    each time; the new suffix is sent)."""
+    """generate()'s `on_tokens` callback: stops a row once its text holds a stop string and streams each row's
+    text through `on_text(row, new_text)` (the whole row is decoded each time; the new suffix is sent)."""
 
     def __init__(self, tokenizer, eos_id: int, rows: int, on_text: Callable[[int, str], None] | None = None,
-                 stops: Sequence[str] = STOP_STRINGS, cancelled: Callable[[], np.ndarray] | None = None):
+                 stops: Sequence[str] = STOP_STRINGS):
         self.tokenizer, self.eos_id, self.on_text, self.stops = tokenizer, eos_id, on_text, tuple(stops)
-        self.cancelled = cancelled
         self.stopped = np.zeros(rows, bool)
         self.sent = [""] * rows
 
     def __call__(self, tokens: np.ndarray, n: int) -> np.ndarray:
         """tokens: int32[B, n] generated so far. Returns bool[B]: rows to stop."""
-        if self.cancelled is not None:
-            self.stopped |= self.cancelled()
         for b in np.flatnonzero(~self.stopped):
             row = tokens[b].tolist()
             if self.eos_id in row:  # finished by EOS; generate() already stops it
